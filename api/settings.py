@@ -1,0 +1,99 @@
+"""One settings object, read from the environment once. Invalid settings fail at start
+with a message naming the variable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ledger.pricing import credits_to_micro
+from ledger.service import LedgerConfig
+from store.factory import StoreConfig, parse_postgres_url
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names the variable."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={value} is out of range {low}..{high}")
+    return value
+
+
+def _credits(env: Mapping[str, str], name: str, default: str) -> int:
+    raw = env.get(name) or default
+    try:
+        value = credits_to_micro(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r}: {exc}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    redis_url: str | None
+    data_dir: Path
+    db_schema: str | None
+    ledger: LedgerConfig
+    commit_max_batch: int
+    commit_window_ms: int
+    log_format: str  # "json" | "console" | "auto"
+    log_level: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def store(self) -> StoreConfig:
+        return StoreConfig(database_url=self.database_url, data_dir=self.data_dir, schema=self.db_schema)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        database_url = env.get("COORDINATOR_DATABASE_URL") or None
+        if database_url:
+            try:
+                parse_postgres_url(database_url)
+            except ValueError as exc:
+                raise SettingsError(f"COORDINATOR_DATABASE_URL: {exc}") from None
+        redis_url = env.get("COORDINATOR_REDIS_URL") or None
+        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("COORDINATOR_REDIS_URL must start with redis://, rediss:// or unix://")
+        schema = env.get("COORDINATOR_DB_SCHEMA") or None
+        if schema and not schema.replace("_", "").isalnum():
+            raise SettingsError("COORDINATOR_DB_SCHEMA may hold only letters, digits and underscores")
+        free_tier = _credits(env, "FREE_TIER_CREDITS", env.get("COORDINATOR_FREE_TIER_CREDITS") or "5")
+        ledger = LedgerConfig(
+            fee_bps=_int(env, "COORDINATOR_FEE_BPS", 1_000, 0, 10_000),
+            hold_ttl_ms=_int(env, "COORDINATOR_HOLD_TTL_S", 3_600, 1, 30 * 86_400) * 1000,
+            free_tier_limit_micro=free_tier,
+            free_tier_grant_micro=_credits(env, "COORDINATOR_FREE_TIER_GRANT_CREDITS", _micro_str(free_tier)),
+        )
+        log_format = (env.get("COORDINATOR_LOG_FORMAT") or "auto").lower()
+        if log_format not in ("json", "console", "auto"):
+            raise SettingsError("COORDINATOR_LOG_FORMAT must be json, console or auto")
+        return cls(
+            database_url=database_url,
+            redis_url=redis_url,
+            data_dir=Path(env.get("COORDINATOR_DATA_DIR") or ".coordinator"),
+            db_schema=schema,
+            ledger=ledger,
+            commit_max_batch=_int(env, "COORDINATOR_COMMIT_MAX_BATCH", 500, 1, 10_000),
+            commit_window_ms=_int(env, "COORDINATOR_COMMIT_WINDOW_MS", 0, 0, 100),
+            log_format=log_format,
+            log_level=(env.get("COORDINATOR_LOG_LEVEL") or "info").lower(),
+        )
+
+
+def _micro_str(micro: int) -> str:
+    whole, frac = divmod(micro, 1_000_000)
+    return f"{whole}.{frac:06d}"

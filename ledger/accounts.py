@@ -1,0 +1,195 @@
+"""The consumer account aggregate: spendable balance (never below zero), holds, KYC and
+free-tier facts. Its methods are its events; nothing else changes its state.
+
+Every event that moves credits carries `transfers`: a list of
+`[debit_account, credit_account, amount_micro, code]` rows (see ledger.names), and the
+balances after it (`spendable_after_micro`, `held_after_micro`) so that an auditor can
+check each event on its own. Commands check every rule *before* triggering an event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from eventsourcing.domain import Aggregate
+
+HOLD_OPEN = "open"
+HOLD_POSTED = "posted"
+HOLD_RELEASED = "released"
+
+
+class Hold:
+    __slots__ = ("hold_id", "amount_micro", "reference", "expires_at_ms", "free_tier", "state", "posted_micro")
+
+    def __init__(self, hold_id: str, amount_micro: int, reference: str, expires_at_ms: int, free_tier: bool) -> None:
+        self.hold_id = hold_id
+        self.amount_micro = amount_micro
+        self.reference = reference
+        self.expires_at_ms = expires_at_ms
+        self.free_tier = free_tier
+        self.state = HOLD_OPEN
+        self.posted_micro = 0
+
+
+class Account(Aggregate):
+    """A consumer (or Island-owner) account. Only the spendable side is an aggregate."""
+
+    class Opened(Aggregate.Created):
+        email: str
+        kyc_verified: bool
+
+    def __init__(self, email: str, kyc_verified: bool) -> None:
+        self.email = email
+        self.kyc_verified = kyc_verified
+        self.suspended = False
+        self.spendable_micro = 0
+        self.held_micro = 0
+        self.spent_micro = 0  # lifetime posted
+        self.free_tier_spent_micro = 0  # posted on free-tier holds
+        self.free_tier_held_micro = 0  # open free-tier holds
+        self.holds: dict[str, Hold] = {}
+        self.idempotency: dict[str, tuple[str, Any]] = {}
+
+    # ------------------------------------------------------------ events
+    class Funded(Aggregate.Event):
+        """Credits arrive from a platform source (purchase, grant, refund, adjustment)."""
+
+        transfers: list
+        reference: str
+        reason: str
+        idem_key: str
+        idem_fp: str
+        spendable_after_micro: int
+
+        def apply(self, acct: Account) -> None:
+            amount = self.transfers[0][2]
+            acct.spendable_micro += amount
+            assert acct.spendable_micro == self.spendable_after_micro
+            acct.idempotency[self.idem_key] = (self.idem_fp, self.spendable_after_micro)
+
+    class Debited(Aggregate.Event):
+        """A correcting transfer out of spendable (adjustment)."""
+
+        transfers: list
+        reference: str
+        reason: str
+        idem_key: str
+        idem_fp: str
+        spendable_after_micro: int
+
+        def apply(self, acct: Account) -> None:
+            acct.spendable_micro -= self.transfers[0][2]
+            assert acct.spendable_micro == self.spendable_after_micro >= 0
+            acct.idempotency[self.idem_key] = (self.idem_fp, self.spendable_after_micro)
+
+    class HoldPlaced(Aggregate.Event):
+        transfers: list
+        hold_id: str
+        reference: str
+        expires_at_ms: int
+        free_tier: bool
+        idem_key: str
+        idem_fp: str
+        spendable_after_micro: int
+        held_after_micro: int
+
+        def apply(self, acct: Account) -> None:
+            amount = self.transfers[0][2]
+            hold = Hold(self.hold_id, amount, self.reference, self.expires_at_ms, self.free_tier)
+            acct.holds[self.hold_id] = hold
+            acct.spendable_micro -= amount
+            acct.held_micro += amount
+            if self.free_tier:
+                acct.free_tier_held_micro += amount
+            assert acct.spendable_micro == self.spendable_after_micro >= 0
+            assert acct.held_micro == self.held_after_micro
+            acct.idempotency[self.idem_key] = (self.idem_fp, self.hold_id)
+
+    class HoldPosted(Aggregate.Event):
+        """Settlement: post the real price (≤ hold), split earning and fee, release the rest."""
+
+        transfers: list
+        hold_id: str
+        reference: str
+        posted_micro: int
+        released_micro: int
+        spendable_after_micro: int
+        held_after_micro: int
+
+        def apply(self, acct: Account) -> None:
+            hold = acct.holds[self.hold_id]
+            assert hold.state == HOLD_OPEN
+            assert self.posted_micro + self.released_micro == hold.amount_micro
+            hold.state = HOLD_POSTED
+            hold.posted_micro = self.posted_micro
+            acct.held_micro -= hold.amount_micro
+            acct.spendable_micro += self.released_micro
+            acct.spent_micro += self.posted_micro
+            if hold.free_tier:
+                acct.free_tier_held_micro -= hold.amount_micro
+                acct.free_tier_spent_micro += self.posted_micro
+            assert acct.spendable_micro == self.spendable_after_micro
+            assert acct.held_micro == self.held_after_micro >= 0
+
+    class HoldReleased(Aggregate.Event):
+        transfers: list
+        hold_id: str
+        reference: str
+        reason: str
+        spendable_after_micro: int
+        held_after_micro: int
+
+        def apply(self, acct: Account) -> None:
+            hold = acct.holds[self.hold_id]
+            assert hold.state == HOLD_OPEN
+            hold.state = HOLD_RELEASED
+            acct.held_micro -= hold.amount_micro
+            acct.spendable_micro += hold.amount_micro
+            if hold.free_tier:
+                acct.free_tier_held_micro -= hold.amount_micro
+            assert acct.spendable_micro == self.spendable_after_micro
+            assert acct.held_micro == self.held_after_micro >= 0
+
+    class KycVerified(Aggregate.Event):
+        by: str
+        reference: str
+
+        def apply(self, acct: Account) -> None:
+            acct.kyc_verified = True
+
+    class KycRevoked(Aggregate.Event):
+        by: str
+        reference: str
+
+        def apply(self, acct: Account) -> None:
+            acct.kyc_verified = False
+
+    class Suspended(Aggregate.Event):
+        by: str
+        reason: str
+
+        def apply(self, acct: Account) -> None:
+            acct.suspended = True
+
+    class Reinstated(Aggregate.Event):
+        by: str
+        reason: str
+
+        def apply(self, acct: Account) -> None:
+            acct.suspended = False
+
+    # ------------------------------------------------------------ reads
+    def free_tier_used_micro(self) -> int:
+        """Spent on free-tier holds plus what open free-tier holds reserve."""
+        return self.free_tier_spent_micro + self.free_tier_held_micro
+
+    def open_holds(self) -> list[Hold]:
+        return [h for h in self.holds.values() if h.state == HOLD_OPEN]
+
+
+LEDGER_EVENT_TYPES = (
+    Account.Funded,
+    Account.Debited,
+    Account.HoldPlaced,
+    Account.HoldPosted,
+    Account.HoldReleased,
+)

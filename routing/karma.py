@@ -1,0 +1,134 @@
+"""Karma arithmetic: integers in milli-karma (1 karma = 1000 milli), pure functions.
+
+Each function returns the DELTA to record in a karma event (with its reason); the
+scheduler applies it. Nothing here reads a clock or keeps state.
+
+Rules (defaults of ``KarmaRates``):
+
+- start at 0;
+- completed work earns 1 karma per 60 compute-minutes (1000 milli per 3,600,000 ms),
+  at 1.5x while karma is below 10 karma (the newcomer boost); the boost applies per
+  compute-millisecond, so a Job that crosses the threshold is boosted only up to it;
+- failure that is the Island's fault: -0.5 karma; missed ack: -0.25; lapsed lease: -0.5;
+- karma never goes below the floor, -100 karma (penalties are cut short at the floor);
+  there is no ceiling (the routing score saturates instead);
+- 10 karma or more unlocks withdrawal of earnings.
+
+Exactness. Earning is a rational rate (e.g. 1000/3,600,000 milli per ms), so a Job rarely
+earns a whole number of milli. The remainder is carried, not dropped: ``for_completed``
+takes and returns ``carry`` in *units* (``rates.units_per_milli`` units = 1 milli, i.e.
+a common denominator of both rates). The (karma_milli, carry) pair is an exact integer
+state, so N small Jobs earn exactly what one Job of the summed compute time earns: not
+within +-1 milli but bit-identical, as long as the caller persists ``carry`` per Island
+(it fits in the karma event). Dropping the carry costs < 1 milli per Job.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import msgspec
+
+REASON_COMPLETED = "completed"
+REASON_FAILURE = "failure"
+REASON_MISSED_ACK = "missed_ack"
+REASON_LAPSED_LEASE = "lapsed_lease"
+
+
+class KarmaRates(msgspec.Struct, frozen=True, kw_only=True):
+    """Karma rules; every amount is in milli-karma, every duration in milliseconds."""
+
+    start_milli: int = 0
+    earn_milli: int = 1_000  # earned per `earn_per_compute_ms` of compute ...
+    earn_per_compute_ms: int = 3_600_000  # ... i.e. 1 karma per 60 compute-minutes
+    boost_below_milli: int = 10_000  # newcomer boost while karma < this
+    boost_num: int = 3  # boost factor = boost_num / boost_den = 1.5x
+    boost_den: int = 2
+    failure_milli: int = 500
+    missed_ack_milli: int = 250
+    lapsed_lease_milli: int = 500
+    floor_milli: int = -100_000
+    withdraw_min_milli: int = 10_000
+
+    def __post_init__(self) -> None:
+        assert self.earn_milli >= 0 and self.earn_per_compute_ms > 0
+        assert self.boost_num >= 0 and self.boost_den > 0
+        assert min(self.failure_milli, self.missed_ack_milli, self.lapsed_lease_milli) >= 0
+        assert self.floor_milli <= self.start_milli
+
+    @property
+    def units_per_milli(self) -> int:
+        """Carry denominator: 1 milli-karma = this many units."""
+        return self.earn_per_compute_ms * self.boost_den
+
+    @property
+    def normal_units_per_ms(self) -> int:
+        return self.earn_milli * self.boost_den
+
+    @property
+    def boosted_units_per_ms(self) -> int:
+        return self.earn_milli * self.boost_num
+
+
+DEFAULT_RATES = KarmaRates()
+
+
+class Accrual(NamedTuple):
+    """Result of ``for_completed``: karma delta and the new carry to persist."""
+
+    delta_milli: int
+    carry: int  # 0 <= carry < rates.units_per_milli
+
+
+def for_completed(karma_milli: int, compute_ms: int, rates: KarmaRates = DEFAULT_RATES, carry: int = 0) -> Accrual:
+    """Karma earned by ``compute_ms`` of completed work, given current karma and carry.
+
+    Each compute-millisecond earns at the boosted rate if the exact karma (milli plus
+    carried fraction) before it is below ``boost_below_milli``, else at the normal rate.
+    """
+    if compute_ms < 0:
+        raise ValueError("compute_ms must be >= 0")
+    per_milli = rates.units_per_milli
+    if not 0 <= carry < per_milli:
+        raise ValueError(f"carry must be in 0..{per_milli - 1}")
+    state = karma_milli * per_milli + carry
+    remaining_ms = compute_ms
+    threshold = rates.boost_below_milli * per_milli
+    boosted = rates.boosted_units_per_ms
+    if state < threshold and remaining_ms:
+        if boosted > 0:
+            to_threshold_ms = -(-(threshold - state) // boosted)  # ceil
+            boosted_ms = min(remaining_ms, to_threshold_ms)
+        else:
+            boosted_ms = remaining_ms
+        state += boosted_ms * boosted
+        remaining_ms -= boosted_ms
+    state += remaining_ms * rates.normal_units_per_ms
+    new_milli, new_carry = divmod(state, per_milli)
+    assert new_milli >= karma_milli and 0 <= new_carry < per_milli
+    return Accrual(new_milli - karma_milli, new_carry)
+
+
+def _penalty(karma_milli: int, amount_milli: int, rates: KarmaRates) -> int:
+    """``-amount``, cut short so karma stays >= floor; never positive."""
+    return min(0, max(-amount_milli, rates.floor_milli - karma_milli))
+
+
+def for_failure(karma_milli: int, rates: KarmaRates = DEFAULT_RATES) -> int:
+    """Delta for a Job that failed through the Island's fault."""
+    return _penalty(karma_milli, rates.failure_milli, rates)
+
+
+def for_missed_ack(karma_milli: int, rates: KarmaRates = DEFAULT_RATES) -> int:
+    """Delta for an offer the Island did not acknowledge in time."""
+    return _penalty(karma_milli, rates.missed_ack_milli, rates)
+
+
+def for_lapsed_lease(karma_milli: int, rates: KarmaRates = DEFAULT_RATES) -> int:
+    """Delta for a running Job whose Island stopped reporting (lease lapsed)."""
+    return _penalty(karma_milli, rates.lapsed_lease_milli, rates)
+
+
+def can_withdraw(karma_milli: int, rates: KarmaRates = DEFAULT_RATES) -> bool:
+    """Whether the Island's owner may withdraw earnings."""
+    return karma_milli >= rates.withdraw_min_milli

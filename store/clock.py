@@ -1,0 +1,77 @@
+"""Clocks and id sources as dependencies: nothing in the domain reads the wall clock or a
+global random source directly (the simulator substitutes a virtual clock and seeded ids)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int:
+        """Milliseconds since the Unix epoch."""
+        ...
+
+
+class SystemClock:
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+class ManualClock:
+    """A clock that moves only when told to (tests, simulator)."""
+
+    def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
+        self._now_ms = start_ms
+
+    def now_ms(self) -> int:
+        return self._now_ms
+
+    def advance(self, delta_ms: int) -> None:
+        assert delta_ms >= 0, "time never goes backwards"
+        self._now_ms += delta_ms
+
+    def set(self, now_ms: int) -> None:
+        assert now_ms >= self._now_ms, "time never goes backwards"
+        self._now_ms = now_ms
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ONE_MS = timedelta(milliseconds=1)
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+def datetime_to_ms(dt: datetime) -> int:
+    if dt.tzinfo is None:
+        raise ValueError("datetime must carry a timezone")
+    return (dt - EPOCH) // _ONE_MS
+
+
+class IdSource(Protocol):
+    def new_uuid(self) -> uuid.UUID: ...
+
+
+class RandomIds:
+    """UUIDs from the OS (production)."""
+
+    def new_uuid(self) -> uuid.UUID:
+        return uuid.uuid4()
+
+
+class SeededIds:
+    """Deterministic UUIDs from a seed (simulator, tests)."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def new_uuid(self) -> uuid.UUID:
+        with self._lock:
+            return uuid.UUID(int=self._rng.getrandbits(128), version=4)

@@ -1,0 +1,341 @@
+"""Group commit: concurrent commands executed in batches, saved in one transaction each.
+
+One writer thread per process owns an aggregate cache and the write connection. Callers
+submit commands (functions of a `UnitOfWork`) from any thread or event loop and get a
+future for their own outcome. The writer takes whatever has queued up while the previous
+transaction was in flight (bounded by `max_batch`, optionally waiting `window_ms` for
+more), runs each command against the cached aggregates, then saves every new event of
+the batch with one `insert_events` call, i.e. one transaction and one table lock.
+
+Failure isolation:
+- A command that raises before triggering any event (the rule for domain refusals)
+  fails alone; the batch goes on.
+- A command that raises after mutating an aggregate poisons only that aggregate: the
+  batch is re-run from committed state without that command.
+- A version conflict at save (another process wrote one of the batch's aggregates)
+  evicts the batch's aggregates from the cache and re-runs the batch on fresh state;
+  each command then gets the outcome it would have had, and no command fails because
+  another one conflicted. After `max_conflict_retries` the batch's commands fail with
+  `CommitConflict` (never silently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from uuid import UUID
+
+import structlog
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import BaseAggregate
+from eventsourcing.persistence import IntegrityError, Recording
+
+from store.clock import Clock
+
+log = structlog.get_logger("store.commit")
+
+T = TypeVar("T")
+Command = Callable[["UnitOfWork"], Any]
+CommitListener = Callable[[list[Recording]], None]
+
+
+class CommitConflict(Exception):
+    """Optimistic concurrency kept failing for this batch after every retry."""
+
+
+class CommitterClosed(Exception):
+    """The committer is shut down and takes no more commands."""
+
+
+class Overloaded(Exception):
+    """The command queue is full (explicit bound on in-flight commands)."""
+
+
+class NotFound(Exception):
+    def __init__(self, aggregate_id: UUID) -> None:
+        super().__init__(f"no aggregate {aggregate_id}")
+        self.aggregate_id = aggregate_id
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    commands: int = 0
+    events: int = 0
+    conflicts: int = 0
+    poisoned: int = 0
+    last_batch_size: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # ring of recent sizes
+
+    def record(self, size: int, events: int) -> None:
+        self.batches += 1
+        self.commands += size
+        self.events += events
+        self.last_batch_size = size
+        self.batch_sizes.append(size)
+        if len(self.batch_sizes) > 1024:
+            del self.batch_sizes[:512]
+
+
+class UnitOfWork:
+    """What a command sees: aggregates by id (cached, or loaded), new aggregates, the clock."""
+
+    __slots__ = ("_committer", "_staged", "clock", "now_ms", "_touched_versions", "read_only")
+
+    def __init__(self, committer: GroupCommitter, now_ms: int, read_only: bool = False) -> None:
+        self._committer = committer
+        self._staged: dict[UUID, BaseAggregate] = {}
+        self._touched_versions: dict[UUID, int] = {}
+        self.clock = committer.clock
+        self.now_ms = now_ms
+        self.read_only = read_only
+
+    def get(self, aggregate_id: UUID, fresh: bool = False) -> Any:
+        agg = self._staged.get(aggregate_id)
+        if agg is None:
+            agg = self._committer._load(aggregate_id, fresh=fresh)
+            self._staged[aggregate_id] = agg
+        self._touched_versions.setdefault(aggregate_id, agg.version)
+        return agg
+
+    def get_or_none(self, aggregate_id: UUID, fresh: bool = False) -> Any:
+        try:
+            return self.get(aggregate_id, fresh=fresh)
+        except NotFound:
+            return None
+
+    def add(self, aggregate: BaseAggregate) -> None:
+        assert not self.read_only, "read-only unit of work"
+        assert aggregate.id not in self._staged, f"aggregate {aggregate.id} already in this unit of work"
+        self._staged[aggregate.id] = aggregate
+        self._touched_versions[aggregate.id] = 0
+
+    # -- used by the committer --
+    def _begin_command(self) -> None:
+        self._touched_versions = {}
+
+    def _command_dirtied(self) -> list[UUID]:
+        """Aggregates the current command changed (pending events beyond the version it saw)."""
+        return [
+            agg_id
+            for agg_id, seen in self._touched_versions.items()
+            if self._staged[agg_id].version != seen or seen == 0
+        ]
+
+
+class GroupCommitter:
+    """Batches commands into shared transactions. See module docstring."""
+
+    def __init__(
+        self,
+        app: Application,
+        clock: Clock,
+        *,
+        max_batch: int = 500,
+        window_ms: float = 0.0,
+        max_queue: int = 50_000,
+        cache_size: int = 200_000,
+        max_conflict_retries: int = 30,
+        name: str = "committer",
+    ) -> None:
+        assert 1 <= max_batch <= 10_000
+        assert max_queue >= max_batch
+        self.app = app
+        self.clock = clock
+        self.max_batch = max_batch
+        self.window_s = window_ms / 1000.0
+        self.max_conflict_retries = max_conflict_retries
+        self._queue: queue.Queue[tuple[Command, Future, bool] | None] = queue.Queue(maxsize=max_queue)
+        self._cache: OrderedDict[UUID, BaseAggregate] = OrderedDict()
+        self._cache_size = cache_size
+        self._listeners: list[CommitListener] = []
+        self._closed = False
+        self.stats = BatchStats()
+        self._jitter = random.Random()  # conflict back-off only; never feeds domain decisions
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- API
+    def add_listener(self, listener: CommitListener) -> None:
+        """Called in the writer thread after each commit with its recordings (keep it quick)."""
+        self._listeners.append(listener)
+
+    def submit(self, command: Command, read_only: bool = False) -> Future:
+        if self._closed:
+            raise CommitterClosed("the committer is closed")
+        fut: Future = Future()
+        try:
+            self._queue.put_nowait((command, fut, read_only))
+        except queue.Full:
+            raise Overloaded(f"more than {self._queue.maxsize} commands waiting") from None
+        return fut
+
+    def execute(self, command: Callable[[UnitOfWork], T], timeout: float | None = 30.0) -> T:
+        return self.submit(command).result(timeout)
+
+    def query(self, fn: Callable[[UnitOfWork], T], timeout: float | None = 30.0) -> T:
+        """Run a read-only function in the writer thread (consistent with committed state)."""
+        return self.submit(fn, read_only=True).result(timeout)
+
+    async def aexecute(self, command: Callable[[UnitOfWork], T]) -> T:
+        return await asyncio.wrap_future(self.submit(command))
+
+    async def aquery(self, fn: Callable[[UnitOfWork], T]) -> T:
+        return await asyncio.wrap_future(self.submit(fn, read_only=True))
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def evict(self, aggregate_id: UUID) -> None:
+        """Forget a cached aggregate (called from the writer thread only)."""
+        self._cache.pop(aggregate_id, None)
+
+    # ---------------------------------------------------------- internals
+    def _load(self, aggregate_id: UUID, fresh: bool) -> BaseAggregate:
+        agg = self._cache.get(aggregate_id)
+        if agg is not None:
+            self._cache.move_to_end(aggregate_id)
+            if fresh:
+                newer = list(self.app.events.get(aggregate_id, gt=agg.version))
+                for event in newer:
+                    event.mutate(agg)  # type: ignore[attr-defined]
+            return agg
+        try:
+            agg = self.app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            raise NotFound(aggregate_id) from None
+        self._cache[aggregate_id] = agg
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return agg
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                self._drain_closed()
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.window_s
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                self._process(batch)
+            except BaseException as exc:  # never let the writer die silently
+                log.exception("commit_batch_crashed", batch=len(batch))
+                for _, fut, _ in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                self._cache.clear()
+            if stop:
+                self._drain_closed()
+                return
+
+    def _drain_closed(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[1].set_exception(CommitterClosed("the committer closed before this command ran"))
+
+    def _process(self, batch: list[tuple[Command, Future, bool]]) -> None:
+        pending = [item for item in batch if item[1].set_running_or_notify_cancel()]
+        for attempt in itertools.count():
+            now_ms = self.clock.now_ms()
+            uow = UnitOfWork(self, now_ms)
+            outcomes: list[tuple[Future, bool, Any]] = []
+            poisoned = False
+            for item in pending:
+                command, fut, read_only = item
+                uow._begin_command()
+                uow.read_only = read_only
+                try:
+                    result = command(uow)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    dirtied = uow._command_dirtied()
+                    if dirtied:
+                        # The command changed state and then failed: drop everything this
+                        # batch touched and run the batch again without it.
+                        self.stats.poisoned += 1
+                        log.warning("command_failed_after_mutation", error=repr(exc), aggregates=len(dirtied))
+                        fut.set_exception(exc)
+                        pending = [p for p in pending if p is not item]
+                        for agg_id in uow._staged:
+                            self._cache.pop(agg_id, None)
+                        poisoned = True
+                        break
+                    outcomes.append((fut, False, exc))
+                    continue
+                if read_only:
+                    assert not uow._command_dirtied(), "a query changed state"
+                outcomes.append((fut, True, result))
+            if poisoned:
+                continue
+            aggregates = [a for a in uow._staged.values() if a._pending_events]  # type: ignore[attr-defined]
+            recordings: list[Recording] = []
+            if aggregates:
+                try:
+                    recordings = self.app.save(*aggregates)
+                except IntegrityError:
+                    self.stats.conflicts += 1
+                    for agg_id in uow._staged:
+                        self._cache.pop(agg_id, None)
+                    if attempt + 1 >= self.max_conflict_retries:
+                        err = CommitConflict(f"version conflict persisted after {attempt + 1} attempts")
+                        for _, fut, _ in pending:
+                            fut.set_exception(err)
+                        return
+                    log.info("commit_conflict_retry", attempt=attempt + 1, batch=len(pending))
+                    # Back off with jitter so that racing processes stop colliding in lockstep.
+                    time.sleep(self._jitter.uniform(0, min(0.05, 0.001 * (2 ** attempt))))
+                    continue
+                except BaseException:
+                    for agg_id in uow._staged:
+                        self._cache.pop(agg_id, None)
+                    raise
+            for agg_id, agg in uow._staged.items():
+                if agg_id not in self._cache:
+                    self._cache[agg_id] = agg
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            self.stats.record(len(pending), len(recordings))
+            for listener in self._listeners:
+                try:
+                    listener(recordings)
+                except Exception:  # noqa: BLE001
+                    log.exception("commit_listener_failed")
+            for fut, ok, value in outcomes:
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+            return
