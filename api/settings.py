@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ledger.pricing import credits_to_micro
 from ledger.service import LedgerConfig
+from scheduler.config import SchedulerConfig
 from store.factory import StoreConfig, parse_postgres_url
 
 
@@ -28,6 +29,17 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     if not low <= value <= high:
         raise SettingsError(f"{name}={value} is out of range {low}..{high}")
     return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} must be true or false")
 
 
 def _credits(env: Mapping[str, str], name: str, default: str) -> int:
@@ -50,7 +62,8 @@ class Settings:
     commit_window_ms: int
     log_format: str  # "json" | "console" | "auto"
     log_level: str
-    extra: dict[str, str] = field(default_factory=dict)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    catalog_path: Path | None = None  # None = the packaged scheduler/cargos.toml
 
     @property
     def store(self) -> StoreConfig:
@@ -81,6 +94,14 @@ class Settings:
         log_format = (env.get("COORDINATOR_LOG_FORMAT") or "auto").lower()
         if log_format not in ("json", "console", "auto"):
             raise SettingsError("COORDINATOR_LOG_FORMAT must be json, console or auto")
+        try:
+            return cls._build(env, database_url, redis_url, schema, ledger, log_format)
+        except AssertionError as exc:
+            raise SettingsError(f"inconsistent scheduler settings: {exc}") from None
+
+    @classmethod
+    def _build(cls, env: Mapping[str, str], database_url: str | None, redis_url: str | None, schema: str | None,
+               ledger: LedgerConfig, log_format: str) -> Settings:
         return cls(
             database_url=database_url,
             redis_url=redis_url,
@@ -91,6 +112,17 @@ class Settings:
             commit_window_ms=_int(env, "COORDINATOR_COMMIT_WINDOW_MS", 0, 0, 100),
             log_format=log_format,
             log_level=(env.get("COORDINATOR_LOG_LEVEL") or "info").lower(),
+            scheduler=SchedulerConfig(
+                ack_timeout_ms=_int(env, "COORDINATOR_ACK_TIMEOUT_S", 10, 1, 3_600) * 1000,
+                lease_ms=_int(env, "COORDINATOR_LEASE_S", 60, 2, 86_400) * 1000,
+                lease_renew_ms=_int(env, "COORDINATOR_LEASE_RENEW_S", 30, 1, 86_399) * 1000,
+                queue_timeout_ms=_int(env, "COORDINATOR_QUEUE_TIMEOUT_S", 120, 1, 86_400) * 1000,
+                max_attempts=_int(env, "COORDINATOR_MAX_ATTEMPTS", 3, 1, 100),
+                heartbeat_interval_ms=_int(env, "COORDINATOR_HEARTBEAT_S", 10, 1, 3_600) * 1000,
+                auto_approve_islands=_bool(env, "COORDINATOR_AUTO_APPROVE_ISLANDS", False),
+                max_queued_per_account=_int(env, "COORDINATOR_MAX_QUEUED_PER_ACCOUNT", 1_000, 1, 1_000_000),
+            ),
+            catalog_path=Path(env["COORDINATOR_CATALOG"]) if env.get("COORDINATOR_CATALOG") else None,
         )
 
 

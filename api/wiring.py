@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from api.settings import Settings
 from ledger.service import Ledger
+from scheduler.catalog import Catalog
+from scheduler.config import SchedulerConfig
+from scheduler.dispatcher import LeaderLock, SchedulerListener
+from scheduler.service import Scheduler
 from store.clock import Clock, IdSource, RandomIds, SystemClock
 from store.factory import EventStoreApp, open_app
 from store.unit_of_work import GroupCommitter
@@ -19,16 +23,26 @@ class Coordinator:
     app: EventStoreApp
     committer: GroupCommitter
     ledger: Ledger
+    catalog: Catalog
+    scheduler: Scheduler
 
     def close(self) -> None:
+        self.scheduler.stop()
         self.committer.close()
         self.app.close()
 
 
-def build(settings: Settings, *, clock: Clock | None = None, ids: IdSource | None = None) -> Coordinator:
+def build(settings: Settings, *, clock: Clock | None = None, ids: IdSource | None = None,
+          scheduler_config: SchedulerConfig | None = None, listener: SchedulerListener | None = None,
+          leader: LeaderLock | None = None, inline: bool = False) -> Coordinator:
     clock = clock or SystemClock()
+    ids = ids or RandomIds()
     app = open_app(settings.store)
-    committer = GroupCommitter(app, clock, max_batch=settings.commit_max_batch, window_ms=settings.commit_window_ms)
+    committer = GroupCommitter(app, clock, max_batch=settings.commit_max_batch, window_ms=settings.commit_window_ms,
+                               inline=inline)
     ledger = Ledger(committer, settings.ledger)
-    return Coordinator(settings=settings, clock=clock, ids=ids or RandomIds(), app=app, committer=committer,
-                       ledger=ledger)
+    catalog = Catalog.load(settings.catalog_path)
+    scheduler = Scheduler(committer, catalog, settings.ledger, scheduler_config or settings.scheduler, clock, ids,
+                          listener=listener, leader=leader, single_writer=not settings.store.is_postgres)
+    return Coordinator(settings=settings, clock=clock, ids=ids, app=app, committer=committer, ledger=ledger,
+                       catalog=catalog, scheduler=scheduler)

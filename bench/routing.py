@@ -41,7 +41,8 @@ TIERS = {0: 20, 1: 30, 2: 30, 3: 15, 4: 5}
 VRAM_BY_TIER = {0: (0,), 1: (8192,), 2: (12288, 16384), 3: (24576,), 4: (49152, 81920)}
 
 DEFAULT_SIZES = (1_000, 10_000, 100_000)
-INDEX_DECISIONS = 3_000
+INDEX_DECISIONS = 5_000
+INFEASIBLE_DECISIONS = 20
 BASELINE_DECISIONS = {1_000: 1_000, 10_000: 300, 100_000: 60}
 HEARTBEATS_PER_DECISION = 4
 
@@ -203,6 +204,22 @@ def run_size(n_islands: int, seed: int, n_decisions: int, n_baseline: int) -> di
         else:
             no_candidate += 1
 
+    # Worst case of the index: nothing is eligible, so the whole pool is visited to prove
+    # it (and to count refusals exactly). A Job needing more VRAM than any Island has.
+    infeasible = JobNeeds(cargo="llm-chat", vram_mb=10**7)
+    infeasible_ns: list[int] = []
+    infeasible_baseline_ns: list[int] = []
+    fleet = index.islands()
+    for k in range(INFEASIBLE_DECISIONS):
+        t = perf()
+        result = index.choose(infeasible, weights, random.Random(k))
+        infeasible_ns.append(perf() - t)
+        assert isinstance(result, NoCandidate) and result.refusals.get("vram", 0) > 0
+        t = perf()
+        expected = full_scan_choose(fleet, infeasible, weights, random.Random(k))
+        infeasible_baseline_ns.append(perf() - t)
+        mismatches += result != expected
+
     us = lambda ns: ns / 1000.0  # noqa: E731
     row = {
         "islands": n_islands,
@@ -222,6 +239,8 @@ def run_size(n_islands: int, seed: int, n_decisions: int, n_baseline: int) -> di
         "mismatches": mismatches,
         "examined_p50": percentile(examined, 50) if examined else 0,
         "examined_p99": percentile(examined, 99) if examined else 0,
+        "infeasible_p50_us": us(percentile(infeasible_ns, 50)),
+        "infeasible_baseline_p50_us": us(percentile(infeasible_baseline_ns, 50)),
         "update_p50_us": us(percentile(update_ns, 50)),
         "update_p99_us": us(percentile(update_ns, 99)),
     }
@@ -258,6 +277,11 @@ def main(argv: list[str]) -> dict:
             f"{r['update_p50_us']:>8.1f}/{r['update_p99_us']:>8.1f} "
             f"{r['no_candidate']:>5} {r['mismatches']:>4}"
         )
+    for n, r in rows.items():
+        print(
+            f"{n:>8} islands, Job nothing can run (NoCandidate, whole pool visited): "
+            f"index p50 {r['infeasible_p50_us']:.0f} us, full scan p50 {r['infeasible_baseline_p50_us']:.0f} us"
+        )
     print(
         "x p50 / x p99 = baseline percentile / index percentile over the decisions both ran on; "
         "none = decisions with NoCandidate; diff = index and full scan disagreed (must be 0)"
@@ -278,6 +302,7 @@ def main(argv: list[str]) -> dict:
         result[f"ratio_{tag}"] = ratio(r["baseline_p50_us"], r["paired_index_p50_us"])  # p50 / p50
         result[f"ratio_p99_{tag}"] = ratio(r["baseline_p99_us"], r["paired_index_p99_us"])
         result[f"update_p99_us_{tag}"] = get(n, "update_p99_us")
+        result[f"nocandidate_p50_us_{tag}"] = get(n, "infeasible_p50_us")
         result[f"mismatches_{tag}"] = r["mismatches"]
     result["ratio_basis"] = "baseline_pXX / index_pXX over the same decisions; ratio_* uses p50"
     return result

@@ -2,15 +2,16 @@
 
 Structure (maintained incrementally on every Island change, never rebuilt per decision)::
 
-    pools[(cargo, None)][region]   SortedList of (-base, island_id)   all available Islands serving cargo
-    pools[(cargo, model)][region]  SortedList of (-base, island_id)   ... that also have `model`
-    warm[(cargo, model)][region]   SortedList of (-base, island_id)   ... that have `model` loaded
+    pools[(cargo, None)][region]   _Pool: SortedList of (-base, island_id) + bounds   available Islands serving cargo
+    pools[(cargo, model)][region]  _Pool                                              ... that also have `model`
+    warm[(cargo, model)][region]   SortedList of (-base, island_id)                   ... that have `model` loaded
 
 "Available" = online, approved and at least one free slot; other Islands are in no list.
 (cargo, model) and warm lists exist for the pairs Jobs have asked for: a pair is
-materialized from the (cargo, None) lists on its first request and maintained from then on.
-``base`` is ``score.base_score(island, cargo, weights)`` (everything but the warm-model
-bonus), so every list is ordered best-first, ties by island id.
+materialized from the (cargo, None) lists on its first request (or up front through
+``prepare``) and maintained from then on. ``base`` is ``score.base_score(island, cargo,
+weights)`` (everything but the warm-model bonus), so every list is ordered best-first,
+ties by island id.
 
 ``choose`` takes the lists of the Job's (cargo, model) in the requested regions (so the
 structural filters offline/not_approved/no_free_slot/cargo/model/region cost nothing),
@@ -20,16 +21,25 @@ then scans best-first, checking the remaining filters Island by Island:
 2. the (cargo, model) lists, skipping Islands that have the model warm (already seen in 1):
    their total is ``base``.
 
-Each list scan stops at the first entry whose total (an upper bound for everything after
-it, since lists are sorted by base and the bonus is constant within a list) is strictly
-below the best total found so far. Stopping only on *strictly below* means every Island
-tying the best total is found, so ties are broken exactly as ``full_scan_choose`` breaks
-them: sort tied ids, ``rng.choice`` (only called when there is a tie).
+Early stop: each list scan stops at the first entry whose total (an upper bound for
+everything after it, since lists are sorted by base and the bonus is constant within a
+list) is strictly below the best total found so far. Stopping only on *strictly below*
+means every Island tying the best total is found, so ties are broken exactly as
+``full_scan_choose`` breaks them: sort tied ids, ``rng.choice`` (only called on a tie).
 
-A decision therefore costs O(#lists + #ineligible Islands ranked above the winner)
-(+ O(log n) per list), independent of the fleet size in the common case. When NOTHING is
-eligible the scan has to visit the whole pool to prove it (and in doing so counts every
-refusal exactly); structural refusals come from counters.
+Hopeless lists: when nothing is eligible the scan would have to visit the whole pool to
+prove it. Each ``_Pool`` therefore keeps conservative bounds of the attributes the
+remaining filters test (platforms seen; lo/hi of VRAM, RAM, tier, latency, ask, karma):
+widened on every insert, never narrowed on removal (so always sound), recomputed exactly
+whenever a scan walks a list to its end. From them, ``_Pool.uniform_refusal`` can prove
+"every Island in this list passes the filters before R and fails R", and the whole list
+is counted under R without visiting it - exact, so refusal counts stay identical to the
+full scan. The proofs are only tried when a scan exceeds ``SCAN_BUDGET`` examined
+Islands (the scan then restarts with proofs on), so ordinary decisions never pay for them.
+
+Cost: O(#lists + #ineligible Islands ranked above the winner) per decision, independent
+of the fleet size in the common case; O(pool) only for a Job nothing can run whose
+refusal reasons differ inside a list (and the bounds are re-tightened by that scan).
 """
 
 from __future__ import annotations
@@ -45,8 +55,135 @@ from routing.score import base_score, score, warm_bonus
 from routing.types import REASONS, STRUCTURAL_REASONS, Decision, IslandView, JobNeeds, NoCandidate, Weights
 
 _Entry = tuple[float, str]  # (-base score, island id): ascending = best first
-_ByRegion = dict[str, SortedList]
 _NEG_INF = float("-inf")
+
+#: Islands a decision may examine before it restarts with whole-list proofs enabled.
+SCAN_BUDGET = 128
+
+
+class _Pool:
+    """One (cargo[, model], region) list plus sound bounds of its members' attributes."""
+
+    __slots__ = (
+        "entries",
+        "region",
+        "cargo",
+        "platforms",
+        "vram_lo",
+        "vram_hi",
+        "ram_lo",
+        "ram_hi",
+        "tier_lo",
+        "tier_hi",
+        "latency_lo",
+        "latency_hi",
+        "ask_lo",
+        "ask_hi",
+        "karma_lo",
+        "karma_hi",
+    )
+
+    def __init__(self, region: str, cargo: str, entries: list[_Entry], islands: dict[str, IslandView]) -> None:
+        assert entries
+        self.region = region
+        self.cargo = cargo
+        self.entries = SortedList(entries)
+        self.tighten(islands)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def tighten(self, islands: dict[str, IslandView]) -> None:
+        """Recompute exact bounds from the current members. O(len)."""
+        cargo = self.cargo
+        members = [islands[island_id] for _, island_id in self.entries]
+        self.platforms = {i.platform for i in members}
+        vram = [i.vram_mb for i in members]
+        ram = [i.ram_mb for i in members]
+        tier = [i.hardware_tier for i in members]
+        latency = [i.latency_ms for i in members]
+        ask = [i.ask_micro.get(cargo, 0) for i in members]
+        karma = [i.karma_milli for i in members]
+        self.vram_lo, self.vram_hi = min(vram), max(vram)
+        self.ram_lo, self.ram_hi = min(ram), max(ram)
+        self.tier_lo, self.tier_hi = min(tier), max(tier)
+        self.latency_lo, self.latency_hi = min(latency), max(latency)
+        self.ask_lo, self.ask_hi = min(ask), max(ask)
+        self.karma_lo, self.karma_hi = min(karma), max(karma)
+
+    def add(self, entry: _Entry, island: IslandView) -> None:
+        self.entries.add(entry)
+        self.platforms.add(island.platform)
+        v = island.vram_mb
+        if v < self.vram_lo:
+            self.vram_lo = v
+        elif v > self.vram_hi:
+            self.vram_hi = v
+        v = island.ram_mb
+        if v < self.ram_lo:
+            self.ram_lo = v
+        elif v > self.ram_hi:
+            self.ram_hi = v
+        v = island.hardware_tier
+        if v < self.tier_lo:
+            self.tier_lo = v
+        elif v > self.tier_hi:
+            self.tier_hi = v
+        v = island.latency_ms
+        if v < self.latency_lo:
+            self.latency_lo = v
+        elif v > self.latency_hi:
+            self.latency_hi = v
+        v = island.ask_micro.get(self.cargo, 0)
+        if v < self.ask_lo:
+            self.ask_lo = v
+        elif v > self.ask_hi:
+            self.ask_hi = v
+        v = island.karma_milli
+        if v < self.karma_lo:
+            self.karma_lo = v
+        elif v > self.karma_hi:
+            self.karma_hi = v
+
+    def uniform_refusal(self, needs: JobNeeds) -> str | None:
+        """A reason R such that, provably from the bounds, every member passes every
+        residual filter before R and fails R (so R is every member's first failing
+        reason); None if the bounds cannot prove that."""
+        if needs.platforms:
+            if self.platforms.isdisjoint(needs.platforms):
+                return "platform"
+            if not self.platforms <= needs.platforms:
+                return None
+        if needs.vram_mb > self.vram_lo:
+            return "vram" if needs.vram_mb > self.vram_hi else None
+        if needs.ram_mb > self.ram_lo:
+            return "ram" if needs.ram_mb > self.ram_hi else None
+        if needs.min_hardware_tier > self.tier_lo:
+            return "hardware_tier" if needs.min_hardware_tier > self.tier_hi else None
+        limit = needs.max_latency_ms
+        if limit is not None and self.latency_hi > limit:
+            return "latency" if self.latency_lo > limit else None
+        bid = needs.bid_micro
+        if bid is not None and self.ask_hi > bid:
+            return "price" if self.ask_lo > bid else None
+        if needs.min_karma_milli > self.karma_lo:
+            return "karma" if needs.min_karma_milli > self.karma_hi else None
+        return None  # everyone passes all but possibly `excluded`
+
+    def check_bounds(self, islands: dict[str, IslandView]) -> None:
+        for _, island_id in self.entries:
+            i = islands[island_id]
+            assert i.platform in self.platforms
+            assert self.vram_lo <= i.vram_mb <= self.vram_hi
+            assert self.ram_lo <= i.ram_mb <= self.ram_hi
+            assert self.tier_lo <= i.hardware_tier <= self.tier_hi
+            assert self.latency_lo <= i.latency_ms <= self.latency_hi
+            assert self.ask_lo <= i.ask_micro.get(self.cargo, 0) <= self.ask_hi
+            assert self.karma_lo <= i.karma_milli <= self.karma_hi
+
+
+_Pools = dict[str, _Pool]  # region -> pool
+_Warm = dict[str, SortedList]  # region -> warm list
 
 
 def _pick(ties: list[str], rng: random.Random) -> str:
@@ -57,32 +194,36 @@ def _pick(ties: list[str], rng: random.Random) -> str:
     return rng.choice(ties)
 
 
-def _select(by_region: _ByRegion | None, regions: frozenset[str]) -> list[SortedList]:
-    """Non-empty lists of the requested regions (all regions if none requested), best
-    head first so the first scan sets a high bar (and the order is hash-independent)."""
+def _head(pool: _Pool) -> _Entry:
+    return pool.entries[0]
+
+
+def _select(by_region: _Pools | None, regions: frozenset[str]) -> list[_Pool]:
+    """Pools of the requested regions (all regions if none requested), best head first
+    so the first scan sets a high bar (and the order does not depend on set hashing)."""
     if not by_region:
         return []
     if regions:
-        subs = [sub for region in regions if (sub := by_region.get(region)) is not None]
+        pools = [pool for region in regions if (pool := by_region.get(region)) is not None]
     else:
-        subs = list(by_region.values())
-    if len(subs) > 1:
-        subs.sort(key=_head)
-    return subs
+        pools = list(by_region.values())
+    if len(pools) > 1:
+        pools.sort(key=_head)
+    return pools
 
 
-def _head(sub: SortedList) -> _Entry:
-    return sub[0]
-
-
-def _size(by_region: _ByRegion | None) -> int:
-    return sum(len(sub) for sub in by_region.values()) if by_region else 0
+def _size(by_region: _Pools | None) -> int:
+    return sum(len(pool) for pool in by_region.values()) if by_region else 0
 
 
 def _check(island: IslandView) -> None:
     problems = island.problems()
     if problems:
         raise ValueError(f"invalid IslandView {island.island_id!r}: {'; '.join(problems)}")
+
+
+class _Budget(Exception):
+    """Raised inside a scan that examined more than its budget."""
 
 
 class CandidateIndex:
@@ -96,15 +237,20 @@ class CandidateIndex:
         weights: Weights | None = None,
         islands: Iterable[IslandView] = (),
         pairs: Iterable[tuple[str, str]] = (),
+        scan_budget: int = SCAN_BUDGET,
     ) -> None:
         """``pairs``: (cargo slug, model) pairs to index up front, typically every pair of
-        the Cargo catalog (see ``prepare``)."""
+        the Cargo catalog (see ``prepare``). ``scan_budget``: Islands a decision examines
+        before retrying with whole-list proofs (0 = always use proofs; results are the
+        same either way, only the cost differs)."""
+        assert scan_budget >= 0
+        self._scan_budget = scan_budget
         self._weights = weights if weights is not None else Weights()
         self._islands: dict[str, IslandView] = {}
         # island id -> cargo -> base score, for Islands currently in the lists
         self._bases: dict[str, dict[str, float]] = {}
-        self._pools: dict[tuple[str, str | None], _ByRegion] = {}
-        self._warm: dict[tuple[str, str], _ByRegion] = {}
+        self._pools: dict[tuple[str, str | None], _Pools] = {}
+        self._warm: dict[tuple[str, str], _Warm] = {}
         self._n_online = 0
         self._n_online_approved = 0
         self._n_available = 0
@@ -194,7 +340,7 @@ class CandidateIndex:
             self._replace(old, msgspec.structs.replace(old, online=online))
 
     def set_karma(self, island_id: str, karma_milli: int) -> None:
-        """New karma (after a KarmaChanged event); reorders the Island's entries."""
+        """New karma (after a karma event); reorders the Island's entries."""
         old = self._islands[island_id]
         if old.karma_milli != karma_milli:
             self._replace(old, msgspec.structs.replace(old, karma_milli=karma_milli))
@@ -235,51 +381,85 @@ class CandidateIndex:
         weights trigger ``set_weights`` first."""
         if weights is not None and weights is not self._weights and weights != self._weights:
             self.set_weights(weights)
-        cargo = needs.cargo
-        model = needs.model
+        by_region = self._pools.get((needs.cargo, needs.model))
+        if by_region is None and needs.model is not None:
+            by_region = self._materialize(needs.cargo, needs.model)
+        pools = _select(by_region, needs.regions)
+        if self._scan_budget:
+            try:
+                return self._scan(needs, pools, rng, prove=False, budget=self._scan_budget)
+            except _Budget:
+                pass
+        return self._scan(needs, pools, rng, prove=True, budget=-1)
+
+    def _scan(
+        self, needs: JobNeeds, pools: list[_Pool], rng: random.Random, *, prove: bool, budget: int
+    ) -> Decision | NoCandidate:
+        """One decision over ``pools``; raises _Budget when more than ``budget`` (>= 0)
+        Islands were examined. With ``prove``, lists the bounds prove hopeless are
+        counted without being visited, and fully walked lists get exact bounds."""
         islands = self._islands
-        by_region = self._pools.get((cargo, model))
-        if by_region is None and model is not None:
-            by_region = self._materialize(cargo, model)
-        subs = _select(by_region, needs.regions)
+        model = needs.model
         considered = 0
-        for sub in subs:
-            considered += len(sub)
+        for pool in pools:
+            considered += len(pool)
+        refused: dict[str, int] = {}
+        skipped = 0
+        if prove:
+            hopeful = []
+            for pool in pools:
+                reason = pool.uniform_refusal(needs)
+                if reason is None:
+                    hopeful.append(pool)
+                else:
+                    refused[reason] = refused.get(reason, 0) + len(pool)
+                    skipped += len(pool)
+            pools = hopeful
 
         best = _NEG_INF
         ties: list[str] = []
         examined = 0
         n_eligible = 0
-        refused: dict[str, int] = {}
 
-        if model is not None:
-            bonus = self._weights.warm_model
-            for sub in _select(self._warm.get((cargo, model)), needs.regions):
-                for neg_base, island_id in sub:
-                    total = -neg_base + bonus
-                    if total < best:
-                        break
-                    examined += 1
-                    reason = residual_reason(islands[island_id], needs)
-                    if reason is not None:
-                        refused[reason] = refused.get(reason, 0) + 1
-                        continue
-                    n_eligible += 1
-                    if total > best:
-                        best = total
-                        ties = [island_id]
-                    else:
-                        ties.append(island_id)
+        if model is not None and pools:
+            warm_by_region = self._warm.get((needs.cargo, model))
+            if warm_by_region:
+                warm = [w for pool in pools if (w := warm_by_region.get(pool.region)) is not None]
+                if len(warm) > 1:
+                    warm.sort(key=lambda w: w[0])
+                bonus = self._weights.warm_model
+                for entries in warm:
+                    for neg_base, island_id in entries:
+                        total = -neg_base + bonus
+                        if total < best:
+                            break
+                        examined += 1
+                        if examined == budget:
+                            raise _Budget
+                        reason = residual_reason(islands[island_id], needs)
+                        if reason is not None:
+                            refused[reason] = refused.get(reason, 0) + 1
+                            continue
+                        n_eligible += 1
+                        if total > best:
+                            best = total
+                            ties = [island_id]
+                        else:
+                            ties.append(island_id)
 
-        for sub in subs:
-            for neg_base, island_id in sub:
+        for pool in pools:
+            walked_to_end = True
+            for neg_base, island_id in pool.entries:
                 total = -neg_base
                 if total < best:
+                    walked_to_end = False
                     break
                 island = islands[island_id]
                 if model is not None and model in island.warm_models:
                     continue  # scanned with its bonus above
                 examined += 1
+                if examined == budget:
+                    raise _Budget
                 reason = residual_reason(island, needs)
                 if reason is not None:
                     refused[reason] = refused.get(reason, 0) + 1
@@ -290,9 +470,11 @@ class CandidateIndex:
                     ties = [island_id]
                 else:
                     ties.append(island_id)
+            if prove and walked_to_end:
+                pool.tighten(islands)
 
         if not ties:
-            assert examined == considered, (examined, considered)
+            assert examined + skipped == considered, (examined, skipped, considered)
             return self._no_candidate(needs, considered, refused)
 
         tied = len(ties)
@@ -347,6 +529,7 @@ class CandidateIndex:
         weights = self._weights
         pools = self._pools
         warm = self._warm
+        islands = self._islands
         models = island.models
         warm_models = island.warm_models
         bases: dict[str, float] = {}
@@ -356,13 +539,18 @@ class CandidateIndex:
             by_region = pools.get((cargo, None))
             if by_region is None:
                 by_region = pools[(cargo, None)] = {}
-            _add(by_region, region, entry)
+            _add(by_region, region, cargo, entry, island, islands)
             for model in models:
                 by_region = pools.get((cargo, model))
                 if by_region is not None:  # materialized: someone asked for this pair
-                    _add(by_region, region, entry)
+                    _add(by_region, region, cargo, entry, island, islands)
                     if model in warm_models:
-                        _add(warm[(cargo, model)], region, entry)
+                        by_warm = warm[(cargo, model)]
+                        entries = by_warm.get(region)
+                        if entries is None:
+                            by_warm[region] = SortedList([entry])
+                        else:
+                            entries.add(entry)
         self._bases[island_id] = bases
 
     def _unlink(self, island: IslandView) -> None:
@@ -384,9 +572,13 @@ class CandidateIndex:
                 if by_region is not None:
                     _discard(by_region, region, entry)
                     if model in warm_models:
-                        _discard(warm[(cargo, model)], region, entry)
+                        by_warm = warm[(cargo, model)]
+                        entries = by_warm[region]
+                        entries.remove(entry)
+                        if not entries:
+                            del by_warm[region]
 
-    def _materialize(self, cargo: str, model: str) -> _ByRegion:
+    def _materialize(self, cargo: str, model: str) -> _Pools:
         """Create the (cargo, model) and warm lists from the (cargo, None) lists.
 
         Pairs are materialized on first request and then maintained like every other
@@ -394,12 +586,12 @@ class CandidateIndex:
         crossed with another Cargo's model). O(pool) once per pair; the number of pairs
         is bounded by the catalog (the API accepts only catalog Cargos and models)."""
         islands = self._islands
-        pools: _ByRegion = {}
-        warm: _ByRegion = {}
-        for region, sub in self._pools.get((cargo, None), {}).items():
-            have = [entry for entry in sub if model in islands[entry[1]].models]
+        pools: _Pools = {}
+        warm: _Warm = {}
+        for region, pool in self._pools.get((cargo, None), {}).items():
+            have = [entry for entry in pool.entries if model in islands[entry[1]].models]
             if have:
-                pools[region] = SortedList(have)
+                pools[region] = _Pool(region, cargo, have, islands)
             loaded = [entry for entry in have if model in islands[entry[1]].warm_models]
             if loaded:
                 warm[region] = SortedList(loaded)
@@ -418,8 +610,16 @@ class CandidateIndex:
             and new.cargos == old.cargos
             and new.models == old.models
             and new.region == old.region
+            # attributes the pools' bounds cover
+            and new.latency_ms == old.latency_ms
+            and new.karma_milli == old.karma_milli
+            and new.vram_mb == old.vram_mb
+            and new.ram_mb == old.ram_mb
+            and new.hardware_tier == old.hardware_tier
+            and new.platform == old.platform
+            and new.ask_micro == old.ask_micro
         ):
-            # Still in the same lists: only a changed base score moves it.
+            # Same lists, same bounds: only a changed base score would move it.
             weights = self._weights
             if all(base_score(new, cargo, weights) == base for cargo, base in bases.items()):
                 self._islands[island_id] = new  # counters unchanged: available before and after
@@ -444,23 +644,33 @@ class CandidateIndex:
             self._bases[island.island_id] = bases
             for cargo, base in bases.items():
                 lists.setdefault(cargo, {}).setdefault(island.region, []).append((-base, island.island_id))
-        self._pools = {(cargo, None): {r: SortedList(v) for r, v in by.items()} for cargo, by in lists.items()}
+        self._pools = {
+            (cargo, None): {region: _Pool(region, cargo, entries, self._islands) for region, entries in by.items()}
+            for cargo, by in lists.items()
+        }
         self._warm = {}
         for cargo, model in pairs:
             self._materialize(cargo, model)  # type: ignore[arg-type]
 
     def check_invariants(self) -> None:
         """Compare against a from-scratch rebuild (tests and debugging; O(n log n))."""
-        fresh = CandidateIndex(self._weights, self._islands.values())
+        fresh = CandidateIndex(self._weights, self._islands.values(), scan_budget=self._scan_budget)
         for cargo, model in self._pools:
             if model is not None:
                 fresh._materialize(cargo, model)
 
         def dump(table: dict) -> dict:
-            return {k: {r: list(s) for r, s in by.items()} for k, by in table.items() if by}
+            return {
+                key: {region: list(getattr(lst, "entries", lst)) for region, lst in by.items()}
+                for key, by in table.items()
+                if by
+            }
 
         for by in [*self._pools.values(), *self._warm.values()]:
-            assert all(by.values()), "empty region list kept"
+            assert all(len(lst) for lst in by.values()), "empty region list kept"
+        for by_region in self._pools.values():
+            for pool in by_region.values():
+                pool.check_bounds(self._islands)
         assert dump(self._pools) == dump(fresh._pools), "pools differ from a rebuild"
         assert dump(self._warm) == dump(fresh._warm), "warm lists differ from a rebuild"
         assert self._bases == fresh._bases, "cached base scores differ from a rebuild"
@@ -471,18 +681,20 @@ class CandidateIndex:
         ), "counters differ from a rebuild"
 
 
-def _add(by_region: _ByRegion, region: str, entry: _Entry) -> None:
-    sub = by_region.get(region)
-    if sub is None:
-        by_region[region] = SortedList([entry])
+def _add(
+    by_region: _Pools, region: str, cargo: str, entry: _Entry, island: IslandView, islands: dict[str, IslandView]
+) -> None:
+    pool = by_region.get(region)
+    if pool is None:
+        by_region[region] = _Pool(region, cargo, [entry], islands)
     else:
-        sub.add(entry)
+        pool.add(entry, island)
 
 
-def _discard(by_region: _ByRegion, region: str, entry: _Entry) -> None:
-    sub = by_region[region]
-    sub.remove(entry)  # ValueError here = index corrupted
-    if not sub:
+def _discard(by_region: _Pools, region: str, entry: _Entry) -> None:
+    pool = by_region[region]
+    pool.entries.remove(entry)  # ValueError here = index corrupted
+    if not pool.entries:
         del by_region[region]
 
 

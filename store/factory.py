@@ -12,12 +12,14 @@ from eventsourcing.application import Application
 from store.transcoder import MsgspecTranscoder
 
 POSTGRES_LOCK_TIMEOUT_S = 5
+MEMORY_URL = "memory:"
 TRANSCODER_TOPIC = f"{MsgspecTranscoder.__module__}:{MsgspecTranscoder.__qualname__}"
 
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Where events live. `database_url` None = embedded SQLite file under `data_dir`."""
+    """Where events live. `database_url` None = embedded SQLite file under `data_dir`;
+    "memory:" = in-process memory (the simulator's store; gone when the process ends)."""
 
     database_url: str | None
     data_dir: Path
@@ -26,9 +28,15 @@ class StoreConfig:
 
     @property
     def is_postgres(self) -> bool:
-        return self.database_url is not None
+        return self.database_url is not None and not self.is_memory
+
+    @property
+    def is_memory(self) -> bool:
+        return self.database_url == MEMORY_URL
 
     def describe(self) -> str:
+        if self.is_memory:
+            return "memory"
         if self.database_url:
             u = urlparse(self.database_url)
             return f"postgresql://{u.hostname}:{u.port or 5432}/{u.path.lstrip('/')}" + (
@@ -60,7 +68,9 @@ def eventsourcing_env(config: StoreConfig) -> dict[str, str]:
         # Our unit of work keeps its own aggregate cache; the library's would re-read per get.
         "AGGREGATE_CACHE_MAXSIZE": "",
     }
-    if config.database_url:
+    if config.is_memory:
+        env["PERSISTENCE_MODULE"] = "eventsourcing.popo"
+    elif config.database_url:
         env.update(parse_postgres_url(config.database_url))
         env["PERSISTENCE_MODULE"] = "eventsourcing.postgres"
         env["POSTGRES_LOCK_TIMEOUT"] = str(POSTGRES_LOCK_TIMEOUT_S)
@@ -82,7 +92,7 @@ def eventsourcing_env(config: StoreConfig) -> dict[str, str]:
 
 def ensure_schema(config: StoreConfig) -> None:
     """Create the PostgreSQL schema if it is named and missing."""
-    if not (config.database_url and config.schema):
+    if not (config.is_postgres and config.schema):
         return
     import psycopg
 

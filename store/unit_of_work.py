@@ -146,6 +146,7 @@ class GroupCommitter:
         cache_size: int = 200_000,
         max_conflict_retries: int = 30,
         name: str = "committer",
+        inline: bool = False,
     ) -> None:
         assert 1 <= max_batch <= 10_000
         assert max_queue >= max_batch
@@ -161,8 +162,12 @@ class GroupCommitter:
         self._closed = False
         self.stats = BatchStats()
         self._jitter = random.Random()  # conflict back-off only; never feeds domain decisions
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self.inline = inline
+        self._inline_lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        if not inline:
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._thread.start()
 
     # ---------------------------------------------------------------- API
     def add_listener(self, listener: CommitListener) -> None:
@@ -173,6 +178,11 @@ class GroupCommitter:
         if self._closed:
             raise CommitterClosed("the committer is closed")
         fut: Future = Future()
+        if self.inline:
+            # Inline mode (simulator, single-threaded tools): run now in the caller's thread.
+            with self._inline_lock:
+                self._process([(command, fut, read_only)])
+            return fut
         try:
             self._queue.put_nowait((command, fut, read_only))
         except queue.Full:
@@ -196,6 +206,8 @@ class GroupCommitter:
         if self._closed:
             return
         self._closed = True
+        if self._thread is None:
+            return
         self._queue.put(None)
         self._thread.join(timeout)
 

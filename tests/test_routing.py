@@ -606,11 +606,12 @@ def assert_same(index_result: Decision | NoCandidate, scan_result: Decision | No
     ops=st.lists(op_st, max_size=25),
     jobs=st.lists(fleet_needs_st, min_size=1, max_size=6),
     seed=st.integers(0, 2**32 - 1),
+    scan_budget=st.sampled_from([0, 1, 3, 128]),
 )
 def test_index_matches_full_scan_on_random_fleets(
-    weights: Weights, initial: list[IslandView], ops: list[tuple], jobs: list[JobNeeds], seed: int
+    weights: Weights, initial: list[IslandView], ops: list[tuple], jobs: list[JobNeeds], seed: int, scan_budget: int
 ) -> None:
-    index = CandidateIndex(weights, initial)
+    index = CandidateIndex(weights, initial, scan_budget=scan_budget)
     for op in ops:
         apply(index, op)
     index.check_invariants()
@@ -620,6 +621,7 @@ def test_index_matches_full_scan_on_random_fleets(
             index.choose(needs, weights, random.Random(seed + k)),
             full_scan_choose(fleet, needs, weights, random.Random(seed + k)),
         )
+    index.check_invariants()  # bounds tightened by the scans are still sound
 
 
 @settings(max_examples=40, deadline=None)
@@ -638,7 +640,7 @@ def test_index_matches_full_scan_on_larger_fleets_with_many_ties(seed: int) -> N
         )
         for k in range(300)
     ]
-    index = CandidateIndex(W, fleet)
+    index = CandidateIndex(W, fleet, scan_budget=rng.choice([0, 5, 128]))
     for _ in range(5):
         needs = job(
             model=rng.choice([None, "llama-8b", "mistral-7b"]),
@@ -650,3 +652,57 @@ def test_index_matches_full_scan_on_larger_fleets_with_many_ties(seed: int) -> N
             index.choose(needs, W, random.Random(decision_seed)),
             full_scan_choose(fleet, needs, W, random.Random(decision_seed)),
         )
+
+
+def test_hopeless_job_is_refused_without_visiting_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Job nothing can run must not cost a walk over the whole pool: list bounds prove
+    it, and the refusal counts stay exact."""
+    import routing.index as index_module
+
+    rng = random.Random(3)
+    fleet = [
+        isl(f"i{k:05d}", karma_milli=rng.randint(0, 50_000), latency_ms=rng.randint(5, 300),
+            region=rng.choice(["eu-west", "us-east"]), vram_mb=rng.choice([8192, 16384]),
+            ask_micro={"llm-chat": rng.randint(1_000_000, 9_000_000)})
+        for k in range(3_000)
+    ]  # fmt: skip
+    index = CandidateIndex(W, fleet)
+    calls = 0
+    real = index_module.residual_reason
+
+    def counting(island: IslandView, needs: JobNeeds) -> str | None:
+        nonlocal calls
+        calls += 1
+        return real(island, needs)
+
+    monkeypatch.setattr(index_module, "residual_reason", counting)
+    for needs, reason in [
+        (job(vram_mb=32_768), "vram"),
+        (job(bid_micro=999_999), "price"),
+        (job(min_karma_milli=60_000), "karma"),
+        (job(platforms=frozenset({"windows"})), "platform"),
+        (job(max_latency_ms=4), "latency"),
+    ]:
+        calls = 0
+        result = index.choose(needs, W, random.Random(0))
+        assert result == full_scan_choose(fleet, needs, W, random.Random(0))
+        assert isinstance(result, NoCandidate) and result.refusals == {reason: 3_000}
+        assert calls <= index_module.SCAN_BUDGET  # the budgeted first try, then proofs only
+    # mixed reasons cannot be proven list-wide: the pool is walked, counts still exact
+    mixed = job(vram_mb=16_384, bid_micro=999_999)
+    result = index.choose(mixed, W, random.Random(0))
+    assert result == full_scan_choose(fleet, mixed, W, random.Random(0))
+    assert isinstance(result, NoCandidate) and set(result.refusals) == {"vram", "price"}
+
+
+def test_list_bounds_stay_sound_under_updates() -> None:
+    index = CandidateIndex(W, [isl("a", latency_ms=10), isl("b", latency_ms=20)], scan_budget=0)
+    assert isinstance(index.choose(job(max_latency_ms=5), W, random.Random(0)), NoCandidate)
+    index.update_live("b", latency_ms=3)
+    assert pick(index.choose(job(max_latency_ms=5), W, random.Random(0))) == "b"
+    index.set_karma("a", 90_000)
+    index.update_live("b", latency_ms=300)
+    assert pick(index.choose(job(min_karma_milli=80_000), W, random.Random(0))) == "a"
+    index.upsert(isl("a", karma_milli=90_000, ask_micro={"llm-chat": 1}))
+    assert pick(index.choose(job(bid_micro=1), W, random.Random(0))) == "a"
+    index.check_invariants()

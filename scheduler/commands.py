@@ -1,0 +1,347 @@
+"""Job and Island commands, each a function of one unit of work. A command that touches
+several aggregates (a completion: Job, the consumer's account, the Island's karma) saves
+them all in one transaction. Every check happens before the first event is triggered."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from ledger.pricing import (
+    ChatPricing,
+    chat_price_micro,
+    image_price_micro,
+    partial_chat_price_micro,
+    settlement_micro,
+)
+from ledger.service import LedgerConfig, load_account, place_hold_in, post_hold_in, release_hold_in
+from routing import karma as karma_rules
+from scheduler.admission import Admitted
+from scheduler.catalog import Catalog
+from scheduler.config import SchedulerConfig
+from scheduler.validation import ChatInput, prompt_tokens_estimate
+from scheduler.islands import APPROVED, Island
+from scheduler.jobs import (
+    ASSIGNED,
+    PENDING,
+    QUEUED,
+    RUNNING,
+    TERMINAL,
+    WAITING,
+    IllegalTransition,
+    Job,
+)
+from store.clock import datetime_to_ms, ms_to_datetime
+from store.unit_of_work import NotFound, UnitOfWork
+
+MAX_USAGE_TOKENS = 1_000_000
+MAX_OUTPUT_CHARS = 8 * 1024 * 1024
+
+
+class UnknownJob(Exception):
+    pass
+
+
+class NotYourJob(Exception):
+    """An Island acted on a Job that is not assigned to it (forged id, or the lease moved)."""
+
+
+class BadUsage(ValueError):
+    pass
+
+
+class IdempotencyMismatch(Exception):
+    """The same idempotency key was used for a different submission."""
+
+
+class IslandExists(Exception):
+    pass
+
+
+def load_job(uow: UnitOfWork, job_id: UUID) -> Job:
+    try:
+        job = uow.get(job_id)
+    except NotFound:
+        raise UnknownJob(f"unknown job {job_id}") from None
+    if not isinstance(job, Job):
+        raise UnknownJob(f"unknown job {job_id}")
+    return job
+
+
+def load_island(uow: UnitOfWork, island_id: UUID) -> Island:
+    try:
+        island = uow.get(island_id)
+    except NotFound:
+        raise NotYourJob(f"unknown island {island_id}") from None
+    if not isinstance(island, Island):
+        raise NotYourJob(f"unknown island {island_id}")
+    return island
+
+
+def _ts(uow: UnitOfWork) -> Any:
+    return ms_to_datetime(uow.now_ms)
+
+
+def _own(job: Job, island_id: str, statuses: frozenset[str], action: str) -> None:
+    if job.island_id != island_id:
+        raise NotYourJob(f"job {job.id} is not assigned to island {island_id}")
+    job.require(statuses, action)
+
+
+# ----------------------------------------------------------------- consumer side
+def submit_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConfig, job_id: UUID,
+              account_id: UUID, admitted: Admitted, *, parent_id: str = "", batch_index: int = -1,
+              pending: bool = False, idem_fp: str = "") -> Job:
+    """`JobSubmitted` and the consumer's hold, one atomic save. The hold lives long
+    enough for the queue wait and every attempt; the sweeper releases it if all else fails."""
+    existing = uow.get_or_none(job_id)
+    if existing is not None:
+        if not isinstance(existing, Job) or existing.account_id != str(account_id) or existing.idem_fp != idem_fp:
+            raise IdempotencyMismatch(f"job {job_id} exists with different content")
+        return existing
+    expires = uow.now_ms + sched.queue_timeout_ms * (sched.max_attempts + 1) + sched.lease_ms * sched.max_attempts \
+        + ledger_config.hold_ttl_ms
+    cargo = admitted.cargo
+    place_hold_in(uow, ledger_config, account_id, str(job_id), admitted.hold_micro, reference=f"job:{job_id}",
+                  expires_at_ms=expires, requires_kyc=cargo.requires_kyc, free_tier_allowed=cargo.free_tier)
+    job = Job._create(Job.Submitted, id=job_id, account_id=str(account_id), cargo=cargo.slug, cargo_id=cargo.id,
+                      kind=cargo.kind, model=admitted.model, input=admitted.input_dict, prefs=admitted.prefs,
+                      hold_micro=admitted.hold_micro, max_attempts=sched.max_attempts,
+                      status=PENDING if pending else QUEUED, parent_id=parent_id, batch_index=batch_index,
+                      idem_fp=idem_fp, timestamp=_ts(uow))
+    uow.add(job)
+    return job
+
+
+def release_pending_in(uow: UnitOfWork, job_id: UUID) -> Job:
+    job = load_job(uow, job_id)
+    if job.status == PENDING:
+        job.trigger_event(Job.Queued, timestamp=_ts(uow))
+    return job
+
+
+def cancel_in(uow: UnitOfWork, ledger_config: LedgerConfig, catalog: Catalog, job_id: UUID, *,
+              account_id: str | None, by: str, delivered_tokens: int = 0) -> Job:
+    """Cancel in any non-terminal state (idempotent on a cancelled Job; a finished Job is
+    returned unchanged). Charges only what was delivered."""
+    job = load_job(uow, job_id)
+    if account_id is not None and job.account_id != account_id:
+        raise UnknownJob(f"unknown job {job_id}")
+    if job.status in TERMINAL:
+        return job
+    account = UUID(job.account_id)
+    charged = 0
+    usage: dict = {}
+    if job.status == RUNNING and delivered_tokens > 0 and job.kind == "chat":
+        cargo = catalog.by_slug(job.cargo)
+        assert isinstance(cargo.pricing, ChatPricing)
+        prompt = prompt_tokens_estimate(msgspec.convert(job.input, ChatInput))
+        charged = partial_chat_price_micro(cargo.pricing, prompt, delivered_tokens, job.hold_micro)
+        usage = {"prompt_tokens": prompt, "completion_tokens": delivered_tokens,
+                 "total_tokens": prompt + delivered_tokens}
+    stage = job.status
+    if charged:
+        post_hold_in(uow, ledger_config, account, str(job_id), charged, job.owner_account_id or None)
+    else:
+        release_hold_in(uow, account, str(job_id), "cancelled")
+    job.trigger_event(Job.Cancelled, by=by, stage=stage, charged_micro=charged, usage=usage, timestamp=_ts(uow))
+    return job
+
+
+def timeout_in(uow: UnitOfWork, job_id: UUID) -> Job:
+    job = load_job(uow, job_id)
+    if job.status not in WAITING:
+        return job  # it moved on meanwhile: nothing to do
+    release_hold_in(uow, UUID(job.account_id), str(job_id), "timeout")
+    waited = uow.now_ms - _created_ms(job)
+    job.trigger_event(Job.TimedOut, waited_ms=max(0, waited), timestamp=_ts(uow))
+    return job
+
+
+def _created_ms(job: Job) -> int:
+    return datetime_to_ms(job.created_on)
+
+
+# ----------------------------------------------------------------- dispatcher side
+def assign_in(uow: UnitOfWork, job_id: UUID, island_id: str, owner_account_id: str, ack_deadline_ms: int,
+              score: dict, candidates: int) -> Job:
+    job = load_job(uow, job_id)
+    job.require(frozenset({QUEUED}), "assign")
+    if island_id in job.excluded:
+        raise IllegalTransition(job_id, job.status, f"assign to excluded island {island_id}")
+    job.trigger_event(Job.Assigned, island_id=island_id, owner_account_id=owner_account_id,
+                      ack_deadline_ms=ack_deadline_ms, score=score, candidates=candidates, timestamp=_ts(uow))
+    return job
+
+
+def _karma_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island_id: str, reason: str, job_id: UUID,
+              compute_ms: int = 0) -> int:
+    try:
+        island = load_island(uow, UUID(island_id))
+    except (NotYourJob, ValueError):
+        return 0
+    carry = island.karma_carry
+    if reason == karma_rules.REASON_COMPLETED:
+        delta, carry = karma_rules.for_completed(island.karma_milli, compute_ms, rates, island.karma_carry)
+    elif reason == karma_rules.REASON_FAILURE:
+        delta = karma_rules.for_failure(island.karma_milli, rates)
+    elif reason == karma_rules.REASON_MISSED_ACK:
+        delta = karma_rules.for_missed_ack(island.karma_milli, rates)
+    else:
+        assert reason == karma_rules.REASON_LAPSED_LEASE, reason
+        delta = karma_rules.for_lapsed_lease(island.karma_milli, rates)
+    island.trigger_event(Island.KarmaChanged, delta_milli=delta, reason=reason, job_id=str(job_id),
+                         karma_after_milli=island.karma_milli + delta, carry=carry, compute_ms=compute_ms,
+                         timestamp=_ts(uow))
+    return delta
+
+
+def decline_in(uow: UnitOfWork, sched: SchedulerConfig, job_id: UUID, island_id: str, reason: str) -> Job:
+    """The offer was rejected, expired (karma penalty) or its Island went offline."""
+    job = load_job(uow, job_id)
+    _own(job, island_id, frozenset({ASSIGNED}), "decline the offer")
+    if reason == "ack_timeout":
+        _karma_in(uow, sched.karma, island_id, karma_rules.REASON_MISSED_ACK, job_id)
+    job.trigger_event(Job.OfferDeclined, island_id=island_id, reason=reason, timestamp=_ts(uow))
+    return job
+
+
+def lapse_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConfig, job_id: UUID,
+             island_id: str, *, streamed: bool, reason: str = "lease_lapsed") -> Job:
+    """A running Job's Island stopped reporting: re-queue if nothing was streamed and
+    attempts remain, otherwise fail with a full release. Either way the Island loses karma."""
+    job = load_job(uow, job_id)
+    _own(job, island_id, frozenset({RUNNING}), "lapse")
+    _karma_in(uow, sched.karma, island_id, karma_rules.REASON_LAPSED_LEASE, job_id)
+    if not streamed and job.attempts + 1 < job.max_attempts:
+        job.trigger_event(Job.Requeued, island_id=island_id, reason=reason, timestamp=_ts(uow))
+    else:
+        why = "the Island stopped mid-stream" if streamed else f"no Island finished the job in {job.max_attempts} attempts"
+        release_hold_in(uow, UUID(job.account_id), str(job_id), "island_fault")
+        job.trigger_event(Job.Failed, reason=f"{reason}: {why}", island_fault=True, charged_micro=0,
+                          timestamp=_ts(uow))
+    return job
+
+
+# ----------------------------------------------------------------- island side
+def accept_in(uow: UnitOfWork, job_id: UUID, island_id: str, lease_deadline_ms: int) -> Job:
+    job = load_job(uow, job_id)
+    if job.status == RUNNING and job.island_id == island_id:
+        return job  # a repeated accept is harmless
+    _own(job, island_id, frozenset({ASSIGNED}), "accept")
+    job.trigger_event(Job.Started, island_id=island_id, lease_deadline_ms=lease_deadline_ms, timestamp=_ts(uow))
+    return job
+
+
+def reject_in(uow: UnitOfWork, sched: SchedulerConfig, job_id: UUID, island_id: str) -> Job:
+    return decline_in(uow, sched, job_id, island_id, "rejected")
+
+
+def check_usage(kind: str, usage: dict[str, Any]) -> dict[str, int]:
+    if not isinstance(usage, dict):
+        raise BadUsage("usage must be an object")
+    out: dict[str, int] = {}
+    keys = ("prompt_tokens", "completion_tokens") if kind == "chat" else ("steps",)
+    for key in keys:
+        v = usage.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_USAGE_TOKENS:
+            raise BadUsage(f"usage.{key} must be an integer within 0..{MAX_USAGE_TOKENS}")
+        out[key] = v
+    if kind == "chat":
+        out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    return out
+
+
+def complete_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConfig, catalog: Catalog,
+                job_id: UUID, island_id: str, usage: dict[str, Any], output: str, compute_ms: int) -> Job:
+    """Settlement, earning, fee, karma and the Job's completion: one atomic save."""
+    job = load_job(uow, job_id)
+    if job.status == "completed" and job.island_id == island_id:
+        return job  # a repeated completion is answered with the first outcome
+    _own(job, island_id, frozenset({RUNNING}), "complete")
+    clean = check_usage(job.kind, usage)
+    if not isinstance(output, str) or len(output) > MAX_OUTPUT_CHARS:
+        raise BadUsage(f"output must be a string of at most {MAX_OUTPUT_CHARS} characters")
+    compute_ms = max(0, min(int(compute_ms), 7 * 86_400_000))
+    cargo = catalog.by_slug(job.cargo)
+    if job.kind == "chat":
+        assert isinstance(cargo.pricing, ChatPricing)
+        max_tokens = int(job.input.get("max_tokens") or 0)
+        if max_tokens and clean["completion_tokens"] > max_tokens:
+            clean["completion_tokens"] = max_tokens  # never bill beyond what was asked for
+            clean["total_tokens"] = clean["prompt_tokens"] + max_tokens
+        price = chat_price_micro(cargo.pricing, clean["prompt_tokens"], clean["completion_tokens"])
+        tps = clean["completion_tokens"] * 1_000_000 // compute_ms if compute_ms else 0
+    else:
+        price = image_price_micro(cargo.pricing, job.input["width"], job.input["height"], job.input["steps"])
+        tps = 0
+    charged = settlement_micro(price, job.hold_micro)
+    post = post_hold_in(uow, ledger_config, UUID(job.account_id), str(job_id), charged, job.owner_account_id)
+    _karma_in(uow, sched.karma, island_id, karma_rules.REASON_COMPLETED, job_id, compute_ms)
+    clean["credits_used_micro"] = charged
+    job.trigger_event(Job.Completed, usage=clean, output=output, charged_micro=charged,
+                      earning_micro=post.earning_micro, fee_micro=post.fee_micro, compute_ms=compute_ms,
+                      tokens_per_s_milli=tps, timestamp=_ts(uow))
+    return job
+
+
+def fail_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConfig, job_id: UUID, island_id: str,
+            reason: str, *, retryable: bool, streamed: bool) -> Job:
+    """The Island reports failure. Retryable and nothing streamed: re-queue (Island
+    excluded); otherwise fail with a full release. The Island loses karma either way."""
+    job = load_job(uow, job_id)
+    if job.status in TERMINAL:
+        if job.island_id == island_id:
+            return job
+        raise NotYourJob(f"job {job_id} is not assigned to island {island_id}")
+    _own(job, island_id, frozenset({ASSIGNED, RUNNING}), "fail")
+    reason = str(reason)[:500] or "unspecified"
+    _karma_in(uow, sched.karma, island_id, karma_rules.REASON_FAILURE, job_id)
+    if retryable and not streamed and job.attempts + 1 < job.max_attempts:
+        job.trigger_event(Job.Requeued, island_id=island_id, reason=f"island_failed: {reason}", timestamp=_ts(uow))
+        return job
+    release_hold_in(uow, UUID(job.account_id), str(job_id), "island_fault")
+    job.trigger_event(Job.Failed, reason=reason, island_fault=True, charged_micro=0, timestamp=_ts(uow))
+    return job
+
+
+# ----------------------------------------------------------------- islands
+def register_island_in(uow: UnitOfWork, sched: SchedulerConfig, island_id: UUID, owner_account_id: UUID,
+                       name: str, token_hash: str, capabilities: dict[str, Any], *, approve: bool = False) -> Island:
+    load_account(uow, owner_account_id)  # the owner must exist: that is who earns
+    if uow.get_or_none(island_id) is not None:
+        raise IslandExists(f"island {island_id} exists")
+    approval = APPROVED if (approve or sched.auto_approve_islands) else "pending"
+    island = Island._create(Island.Registered, id=island_id, owner_account_id=str(owner_account_id), name=name,
+                            token_hash=token_hash, capabilities=capabilities, approval=approval, timestamp=_ts(uow))
+    uow.add(island)
+    return island
+
+
+def set_island_approval_in(uow: UnitOfWork, island_id: UUID, approved: bool, *, by: str, reason: str) -> Island:
+    island = load_island(uow, island_id)
+    target = APPROVED if approved else "suspended"
+    if island.approval != target:
+        island.trigger_event(Island.Approved if approved else Island.Suspended, by=by, reason=reason,
+                             timestamp=_ts(uow))
+    return island
+
+
+def set_island_online_in(uow: UnitOfWork, island_id: UUID, online: bool, reason: str = "") -> Island:
+    island = load_island(uow, island_id)
+    if island.online != online:
+        if online:
+            island.trigger_event(Island.WentOnline, timestamp=_ts(uow))
+        else:
+            island.trigger_event(Island.WentOffline, reason=reason, timestamp=_ts(uow))
+    return island
+
+
+def set_capabilities_in(uow: UnitOfWork, island_id: UUID, capabilities: dict[str, Any]) -> Island:
+    island = load_island(uow, island_id)
+    if island.capabilities != capabilities:
+        island.trigger_event(Island.CapabilitiesChanged, capabilities=capabilities, timestamp=_ts(uow))
+    return island
+

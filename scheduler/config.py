@@ -1,0 +1,39 @@
+"""Scheduler settings: every timeout, bound and weight in one place (units in names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from routing.karma import KarmaRates
+from routing.types import Weights
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    ack_timeout_ms: int = 10_000  # an offer not accepted in time goes back to the queue
+    lease_ms: int = 60_000  # a running Job's lease; the Island renews it
+    lease_renew_ms: int = 30_000  # how often Islands are told to renew
+    queue_timeout_ms: int = 120_000  # a Job still queued after this ends `timeout`
+    max_attempts: int = 3  # lapsed leases re-queue at most this many times in all
+    heartbeat_interval_ms: int = 10_000
+    missed_heartbeats_offline: int = 3  # an Island missing this many heartbeats is offline
+    auto_approve_islands: bool = False  # demos only: new Islands get Jobs at once
+    dispatch_batch_max: int = 256  # assignments decided per dispatch round
+    dispatch_misses_per_cargo: int = 8  # queued Jobs tried per Cargo before giving up a round
+    max_queued_per_account: int = 1_000  # bound on one account's backlog
+    max_queued_total: int = 200_000  # bound on the whole queue
+    log_poll_page: int = 1_000  # events read per poll of the log
+    routing_seed: int = 0  # ties between equal Islands are broken by a seeded random source
+    weights: Weights = field(default_factory=Weights)
+    karma: KarmaRates = field(default_factory=KarmaRates)
+
+    def __post_init__(self) -> None:
+        assert self.ack_timeout_ms > 0 and self.lease_ms > 0 and self.queue_timeout_ms > 0
+        assert 0 < self.lease_renew_ms < self.lease_ms, "leases must be renewed before they lapse"
+        assert self.max_attempts >= 1
+        assert 1 <= self.dispatch_batch_max <= 10_000
+        assert self.max_queued_per_account <= self.max_queued_total
+
+    @property
+    def offline_after_ms(self) -> int:
+        return self.heartbeat_interval_ms * self.missed_heartbeats_offline

@@ -1,0 +1,426 @@
+"""The dispatch core: an in-memory view of live Jobs and Islands kept from the event log,
+the fair queue, timers (ack, lease, queue timeout), and the loop that matches queued
+Jobs to Islands.
+
+State changes only through events: the core reads the log in order (its own commits
+arrive through a commit listener without a database read; other processes' commits are
+read from the log), and everything it decides is a command whose outcome comes back as
+events. This is what makes several coordinator processes safe: decisions are
+optimistic commands on the Job aggregate, so a Job can be assigned at most once, and
+the dispatcher that holds the leader lock is the only one that dispatches and runs
+timers (see docs/ARCHITECTURE.md). `step(now_ms)` does one round; the server calls it
+from a thread, the simulator from its virtual clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol
+from uuid import UUID
+
+import msgspec
+import structlog
+from eventsourcing.utils import get_topic
+
+from ledger.service import LedgerConfig
+from routing.index import CandidateIndex
+from routing.types import Decision, JobNeeds
+from scheduler import commands as cmd
+from scheduler.catalog import Catalog
+from scheduler.config import SchedulerConfig
+from scheduler.fair_queue import FairQueue
+from scheduler.islands import APPROVED, Island
+from scheduler.jobs import ASSIGNED, PENDING, QUEUED, RUNNING, IllegalTransition, Job
+from scheduler.registry import Registry
+from store.clock import datetime_to_ms
+from store.unit_of_work import GroupCommitter
+
+log = structlog.get_logger("scheduler")
+
+ACK = 1
+LEASE = 2
+QUEUE_TIMEOUT = 3
+
+JOB_TOPICS = tuple(get_topic(c) for c in (
+    Job.Submitted, Job.Queued, Job.Assigned, Job.OfferDeclined, Job.Started, Job.Requeued, Job.Completed,
+    Job.Failed, Job.Cancelled, Job.TimedOut))
+ISLAND_TOPICS = tuple(get_topic(c) for c in (
+    Island.Registered, Island.Approved, Island.Suspended, Island.CapabilitiesChanged, Island.WentOnline,
+    Island.WentOffline, Island.KarmaChanged, Island.TokenRotated))
+SCHEDULER_TOPICS = JOB_TOPICS + ISLAND_TOPICS
+_SCHEDULER_EVENTS = (Job.Event, Island.Event)
+EXPECTED_RACES = (IllegalTransition, cmd.NotYourJob, cmd.UnknownJob)
+
+
+@dataclass(frozen=True)
+class JobOffer:
+    """What an Island is sent when it is offered a Job."""
+
+    job_id: str
+    cargo: str
+    model: str
+    kind: str
+    input: dict[str, Any]
+    ack_deadline_ms: int
+    lease_ms: int
+
+
+class SchedulerListener(Protocol):
+    def offer(self, island_id: str, offer: JobOffer) -> None: ...
+    def cancel(self, island_id: str, job_id: str) -> None: ...
+    def job_changed(self, job_id: str, status: str, event: Any) -> None: ...
+
+
+class NullListener:
+    def offer(self, island_id: str, offer: JobOffer) -> None:
+        pass
+
+    def cancel(self, island_id: str, job_id: str) -> None:
+        pass
+
+    def job_changed(self, job_id: str, status: str, event: Any) -> None:
+        pass
+
+
+@dataclass
+class LiveJob:
+    job_id: UUID
+    account_id: str
+    cargo: str
+    kind: str
+    model: str
+    input: dict[str, Any]
+    needs: JobNeeds
+    submitted_ms: int
+    status: str
+    excluded: frozenset[str] = frozenset()
+    island_id: str = ""
+    ack_deadline_ms: int = 0
+    lease_deadline_ms: int = 0
+    streamed: bool = False
+    delivered_tokens: int = 0
+    epoch: int = 0  # bumped on each transition; timers carry it to detect staleness
+    parent_id: str = ""
+
+
+class LeaderLock(Protocol):
+    def is_leader(self) -> bool: ...
+
+
+class AlwaysLeader:
+    def is_leader(self) -> bool:
+        return True
+
+
+class DispatchCore:
+    def __init__(self, committer: GroupCommitter, catalog: Catalog, ledger_config: LedgerConfig,
+                 config: SchedulerConfig, *, read_log: Callable[[int], list[tuple[int, Any]]],
+                 listener: SchedulerListener | None = None, leader: LeaderLock | None = None,
+                 single_writer: bool = True) -> None:
+        self.committer = committer
+        self.catalog = catalog
+        self.ledger_config = ledger_config
+        self.config = config
+        self.read_log = read_log  # start position -> [(position, event)] for scheduler topics
+        self.listener: SchedulerListener = listener or NullListener()
+        self.leader = leader or AlwaysLeader()
+        self.index = CandidateIndex(weights=config.weights)
+        self.registry = Registry(self.index)
+        self.queue = FairQueue(config.max_queued_per_account, config.max_queued_total)
+        self.jobs: dict[UUID, LiveJob] = {}
+        self.rng = random.Random(config.routing_seed)
+        self.position = 0
+        self._timers: list[tuple[int, int, int, UUID, int]] = []
+        self._timer_seq = 0
+        self.single_writer = single_writer
+        self._buffer: list[tuple[int, Any]] = []
+        self._buffer_lock = threading.Lock()
+        self.lock = threading.RLock()  # guards everything above; never held across a commit wait
+        self.wake = threading.Event()
+        self.stats = {"assigned": 0, "dispatch_rounds": 0, "no_candidate": 0, "timers": 0, "lost_races": 0}
+        committer.add_listener(self._on_commit)
+
+    # ------------------------------------------------------------ log intake
+    def _on_commit(self, recordings: list[Any]) -> None:
+        """Writer thread: with a single writer, keep our own scheduler events by position so
+        the core needs no database read to learn what it just wrote; always wake it."""
+        if self.single_writer:
+            mine = [(r.notification.id, r.domain_event) for r in recordings
+                    if isinstance(r.domain_event, _SCHEDULER_EVENTS)]
+            if mine:
+                with self._buffer_lock:
+                    self._buffer.extend(mine)
+        self.wake.set()
+
+    def catch_up(self, now_ms: int, *, force_db: bool = False) -> int:
+        """Apply every scheduler event after `position`, in log order. Returns how many.
+
+        Single writer (embedded SQLite, memory): our commits are the whole log, so the
+        buffered events are complete and in order. Several writers (PostgreSQL): read the
+        log from `position` (commit order = position order under the recorder's table lock)."""
+        applied = 0
+        with self.lock:
+            if self.single_writer and not force_db:
+                with self._buffer_lock:
+                    batch, self._buffer = self._buffer, []
+                for pos, ev in batch:
+                    if pos > self.position:
+                        self._apply(pos, ev, now_ms)
+                        applied += 1
+                return applied
+            with self._buffer_lock:
+                self._buffer.clear()
+            while True:
+                page = self.read_log(self.position + 1)
+                for pos, ev in page:
+                    self._apply(pos, ev, now_ms)
+                    applied += 1
+                if len(page) < self.config.log_poll_page:
+                    break
+        return applied
+
+    # ------------------------------------------------------------ applying events
+    def _apply(self, position: int, ev: Any, now_ms: int) -> None:
+        assert position > self.position, (position, self.position)
+        self.position = position
+        if isinstance(ev, Job.Event):
+            self._apply_job(ev, now_ms)
+        elif isinstance(ev, Island.Event):
+            self._apply_island(ev)
+
+    def _needs(self, ev: Job.Submitted) -> JobNeeds:
+        cargo = self.catalog.get(ev.cargo)
+        prefs = ev.prefs
+        return JobNeeds(
+            cargo=ev.cargo, model=ev.model, vram_mb=cargo.required_vram_mb if cargo else 0,
+            ram_mb=cargo.required_ram_mb if cargo else 0, regions=frozenset(prefs.get("regions", ())),
+            platforms=frozenset(prefs.get("platforms", ())), min_hardware_tier=prefs.get("min_hardware_tier", 0),
+            max_latency_ms=prefs.get("max_latency_ms"), bid_micro=prefs.get("bid_micro"),
+            min_karma_milli=cargo.min_karma_milli if cargo else 0)
+
+    def _apply_job(self, ev: Any, now_ms: int) -> None:
+        job_id = ev.originator_id
+        if isinstance(ev, Job.Submitted):
+            live = LiveJob(job_id=job_id, account_id=ev.account_id, cargo=ev.cargo, kind=ev.kind, model=ev.model,
+                           input=ev.input, needs=self._needs(ev), submitted_ms=datetime_to_ms(ev.timestamp),
+                           status=ev.status, parent_id=ev.parent_id)
+            self.jobs[job_id] = live
+            if ev.status == QUEUED:
+                self._enqueue(live)
+            self.listener.job_changed(str(job_id), ev.status, ev)
+            return
+        live = self.jobs.get(job_id)
+        if live is None:
+            return  # a Job that ended before we started watching, or unknown: nothing live
+        live.epoch += 1
+        if isinstance(ev, Job.Queued):
+            live.status = QUEUED
+            self._enqueue(live)
+        elif isinstance(ev, Job.Assigned):
+            self.queue.remove(job_id)
+            if live.island_id and live.island_id != ev.island_id:
+                self.registry.release(live.island_id, job_id)
+            live.status = ASSIGNED
+            live.island_id = ev.island_id
+            live.ack_deadline_ms = ev.ack_deadline_ms
+            self.registry.reserve(ev.island_id, job_id)
+            self._timer(ev.ack_deadline_ms, ACK, live)
+            if self.leader.is_leader():
+                self.listener.offer(ev.island_id, JobOffer(str(job_id), live.cargo, live.model, live.kind,
+                                                           live.input, ev.ack_deadline_ms, self.config.lease_ms))
+        elif isinstance(ev, (Job.OfferDeclined, Job.Requeued)):
+            self.registry.release(ev.island_id, job_id)
+            live.excluded = live.excluded | {ev.island_id}
+            live.island_id = ""
+            live.status = QUEUED
+            live.streamed = False
+            live.delivered_tokens = 0
+            self._enqueue(live, front=True)
+        elif isinstance(ev, Job.Started):
+            live.status = RUNNING
+            live.lease_deadline_ms = max(ev.lease_deadline_ms, now_ms + self.config.lease_ms // 2)
+            self._timer(live.lease_deadline_ms, LEASE, live)
+        else:  # terminal
+            self.queue.remove(job_id)
+            if live.island_id:
+                self.registry.release(live.island_id, job_id)
+                if isinstance(ev, Job.Cancelled) and ev.stage in (ASSIGNED, RUNNING):
+                    self.listener.cancel(live.island_id, str(job_id))
+            del self.jobs[job_id]
+            status = {Job.Completed: "completed", Job.Failed: "failed", Job.Cancelled: "cancelled",
+                      Job.TimedOut: "timeout"}[type(ev)]
+            self.listener.job_changed(str(job_id), status, ev)
+            return
+        self.listener.job_changed(str(job_id), live.status, ev)
+
+    def _enqueue(self, live: LiveJob, front: bool = False) -> None:
+        self.queue.push(live.cargo, live.account_id, live.job_id, front=front)
+        self._timer(live.submitted_ms + self.config.queue_timeout_ms, QUEUE_TIMEOUT, live)
+
+    def _apply_island(self, ev: Any) -> None:
+        island_id = str(ev.originator_id)
+        if isinstance(ev, Island.Registered):
+            self.registry.register(island_id, ev.owner_account_id, ev.name, ev.capabilities, ev.approval == APPROVED)
+        elif isinstance(ev, Island.Approved):
+            self.registry.set_approved(island_id, True)
+        elif isinstance(ev, Island.Suspended):
+            self.registry.set_approved(island_id, False)
+        elif isinstance(ev, Island.CapabilitiesChanged):
+            self.registry.set_capabilities(island_id, ev.capabilities)
+        elif isinstance(ev, Island.KarmaChanged):
+            self.registry.set_karma(island_id, ev.karma_after_milli)
+        elif isinstance(ev, Island.WentOffline):
+            self.registry.set_offline(island_id)
+
+    # ------------------------------------------------------------ timers
+    def _timer(self, due_ms: int, kind: int, live: LiveJob) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (due_ms, self._timer_seq, kind, live.job_id, live.epoch))
+
+    def next_timer_ms(self) -> int | None:
+        return self._timers[0][0] if self._timers else None
+
+    def _due_timer_commands(self, now_ms: int) -> list[Callable]:
+        out: list[Callable] = []
+        while self._timers and self._timers[0][0] <= now_ms:
+            _, _, kind, job_id, epoch = heapq.heappop(self._timers)
+            live = self.jobs.get(job_id)
+            if live is None or live.epoch != epoch:
+                continue  # stale: the Job moved on since the timer was set
+            self.stats["timers"] += 1
+            if kind == ACK and live.status == ASSIGNED:
+                out.append(lambda uow, j=job_id, i=live.island_id: cmd.decline_in(uow, self.config, j, i,
+                                                                                  "ack_timeout"))
+            elif kind == LEASE and live.status == RUNNING:
+                if live.lease_deadline_ms > now_ms:  # renewed meanwhile
+                    self._timer(live.lease_deadline_ms, LEASE, live)
+                    continue
+                out.append(lambda uow, j=job_id, i=live.island_id, s=live.streamed: cmd.lapse_in(
+                    uow, self.ledger_config, self.config, j, i, streamed=s))
+            elif kind == QUEUE_TIMEOUT and live.status in (QUEUED, PENDING):
+                if live.submitted_ms + self.config.queue_timeout_ms > now_ms:
+                    continue
+                out.append(lambda uow, j=job_id: cmd.timeout_in(uow, j))
+        return out
+
+    # ------------------------------------------------------------ dispatch
+    def _decide(self, now_ms: int) -> list[tuple[LiveJob, Decision]]:
+        decisions: list[tuple[LiveJob, Decision]] = []
+        budget = self.config.dispatch_batch_max
+        for cargo in self.queue.cargos():
+            misses: list[LiveJob] = []
+            while len(decisions) < budget and len(misses) < self.config.dispatch_misses_per_cargo:
+                job_id = self.queue.pop(cargo)
+                if job_id is None:
+                    break
+                live = self.jobs.get(job_id)
+                if live is None or live.status != QUEUED:
+                    continue
+                needs = live.needs if not live.excluded else _with_excluded(live.needs, live.excluded)
+                choice = self.index.choose(needs, None, self.rng)
+                if not isinstance(choice, Decision):
+                    self.stats["no_candidate"] += 1
+                    misses.append(live)
+                    continue
+                self.registry.reserve(choice.island_id, job_id)
+                live.island_id = choice.island_id
+                decisions.append((live, choice))
+            for live in reversed(misses):  # back at the head of their account's line
+                self.queue.push(live.cargo, live.account_id, live.job_id, front=True)
+            if len(decisions) >= budget:
+                break
+        return decisions
+
+    def step(self, now_ms: int) -> int:
+        """One round: read the log, run due timers, dispatch, read the log again.
+        Returns the number of commands issued."""
+        self.catch_up(now_ms)
+        if not self.leader.is_leader():
+            return 0
+        issued = 0
+        with self.lock:
+            self._offline_check(now_ms)
+            timer_cmds = self._due_timer_commands(now_ms)
+            decisions = self._decide(now_ms)
+        futures: list[tuple[Future, Any]] = [(self.committer.submit(c), None) for c in timer_cmds]
+        for live, d in decisions:
+            score = {"karma": d.score.karma, "latency": d.score.latency, "load": d.score.load,
+                     "price": d.score.price, "warm_model": d.score.warm_model, "total": d.score.total,
+                     "considered": d.candidates_considered, "examined": d.candidates_examined,
+                     "eligible": d.candidates_eligible, "fleet": d.fleet_size, "tied": d.tied}
+            owner = self.registry.islands[d.island_id].owner_account_id
+            futures.append((self.committer.submit(
+                lambda uow, j=live.job_id, i=d.island_id, o=owner, s=score, n=d.candidates_considered:
+                cmd.assign_in(uow, j, i, o, now_ms + self.config.ack_timeout_ms, s, n)), (live, d.island_id)))
+        issued = len(futures)
+        self.stats["dispatch_rounds"] += 1
+        for fut, ctx in futures:
+            try:
+                fut.result()
+                if ctx is not None:
+                    self.stats["assigned"] += 1
+            except EXPECTED_RACES:
+                self.stats["lost_races"] += 1
+                if ctx is not None:
+                    self._undo_reservation(*ctx)
+            except Exception:  # noqa: BLE001 - a failed command must not stop dispatch
+                log.exception("scheduler_command_failed")
+                if ctx is not None:
+                    self._undo_reservation(*ctx)
+        if issued:
+            self.catch_up(now_ms)
+        return issued
+
+    def _undo_reservation(self, live: LiveJob, island_id: str) -> None:
+        with self.lock:
+            if live.status == QUEUED and live.island_id == island_id:
+                self.registry.release(island_id, live.job_id)
+                live.island_id = ""
+
+    def _offline_check(self, now_ms: int) -> None:
+        for island_id in self.registry.stale(now_ms, self.config.offline_after_ms):
+            self.registry.set_offline(island_id)  # live view first: no new offers
+            self.committer.submit(lambda uow, i=island_id: cmd.set_island_online_in(
+                uow, UUID(i), False, "missed heartbeats"))
+
+    # ------------------------------------------------------------ live inputs (not events)
+    def heartbeat(self, island_id: str, now_ms: int, **live: Any) -> None:
+        with self.lock:
+            came_online = self.registry.heartbeat(island_id, now_ms, **live)
+        if came_online:
+            self.committer.submit(lambda uow: cmd.set_island_online_in(uow, UUID(island_id), True))
+        self.wake.set()
+
+    def renew_lease(self, island_id: str, job_id: UUID, now_ms: int) -> bool:
+        with self.lock:
+            live = self.jobs.get(job_id)
+            if live is None or live.island_id != island_id or live.status != RUNNING:
+                return False
+            live.lease_deadline_ms = now_ms + self.config.lease_ms
+            return True
+
+    def output_progress(self, island_id: str, job_id: UUID, tokens: int) -> bool:
+        """The Island streamed output for a Job it runs (tokens delivered so far)."""
+        with self.lock:
+            live = self.jobs.get(job_id)
+            if live is None or live.island_id != island_id or live.status != RUNNING:
+                return False
+            live.streamed = True
+            live.delivered_tokens += max(0, tokens)
+            return True
+
+    def live_job(self, job_id: UUID) -> LiveJob | None:
+        return self.jobs.get(job_id)
+
+    def queue_depths(self) -> dict[str, int]:
+        with self.lock:
+            return self.queue.depths()
+
+
+def _with_excluded(needs: JobNeeds, excluded: frozenset[str]) -> JobNeeds:
+    return msgspec.structs.replace(needs, excluded=excluded)

@@ -1,0 +1,90 @@
+"""The Island aggregate: registration under an owner account, approval state,
+capabilities, online/offline, and karma (every change with reason, delta and balance
+after). Live state (free slots, warm models, latency) is not here: it changes with every
+heartbeat and lives in the registry (scheduler/registry.py)."""
+
+from __future__ import annotations
+
+from eventsourcing.domain import Aggregate
+
+PENDING_APPROVAL = "pending"
+APPROVED = "approved"
+SUSPENDED = "suspended"
+
+
+class Island(Aggregate):
+    class Registered(Aggregate.Created):
+        owner_account_id: str
+        name: str
+        token_hash: str
+        capabilities: dict
+        approval: str
+
+    def __init__(self, owner_account_id: str, name: str, token_hash: str, capabilities: dict, approval: str) -> None:
+        self.owner_account_id = owner_account_id
+        self.name = name
+        self.token_hash = token_hash
+        self.capabilities = capabilities
+        self.approval = approval
+        self.online = False
+        self.karma_milli = 0
+        self.karma_carry = 0
+        self.jobs_completed = 0
+        self.jobs_failed = 0
+
+    class Approved(Aggregate.Event):
+        by: str
+        reason: str
+
+        def apply(self, island: Island) -> None:
+            island.approval = APPROVED
+
+    class Suspended(Aggregate.Event):
+        by: str
+        reason: str
+
+        def apply(self, island: Island) -> None:
+            island.approval = SUSPENDED
+
+    class CapabilitiesChanged(Aggregate.Event):
+        capabilities: dict
+
+        def apply(self, island: Island) -> None:
+            island.capabilities = self.capabilities
+
+    class WentOnline(Aggregate.Event):
+        def apply(self, island: Island) -> None:
+            island.online = True
+
+    class WentOffline(Aggregate.Event):
+        reason: str
+
+        def apply(self, island: Island) -> None:
+            island.online = False
+
+    class TokenRotated(Aggregate.Event):
+        token_hash: str
+
+        def apply(self, island: Island) -> None:
+            island.token_hash = self.token_hash
+
+    class KarmaChanged(Aggregate.Event):
+        """Karma moved by `delta_milli` for `reason` (completed, failure, missed_ack,
+        lapsed_lease); `karma_after_milli` is the balance after; `carry` is the exact
+        fraction of a milli-karma carried to the next compute accrual."""
+
+        delta_milli: int
+        reason: str
+        job_id: str
+        karma_after_milli: int
+        carry: int
+        compute_ms: int
+
+        def apply(self, island: Island) -> None:
+            island.karma_milli += self.delta_milli
+            assert island.karma_milli == self.karma_after_milli
+            island.karma_carry = self.carry
+            if self.reason == "completed":
+                island.jobs_completed += 1
+            elif self.reason in ("failure", "lapsed_lease"):
+                island.jobs_failed += 1

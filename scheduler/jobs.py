@@ -1,0 +1,198 @@
+"""The Job aggregate: a Job moves through legal states only; every transition is an
+event with its cause. Its methods are its events.
+
+    queued -> assigned -> running -> completed | failed | cancelled
+       ^         |          |
+       +---------+----------+  (offer declined or expired; lease lapsed, nothing streamed)
+    pending -> queued       (batch children held back by max_parallelism)
+    queued | pending -> timeout | cancelled
+"""
+
+from __future__ import annotations
+
+from eventsourcing.domain import Aggregate
+
+PENDING = "pending"
+QUEUED = "queued"
+ASSIGNED = "assigned"
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+TIMEOUT = "timeout"
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, TIMEOUT})
+WAITING = frozenset({PENDING, QUEUED})
+
+
+class IllegalTransition(Exception):
+    """A command asked for a transition the Job's state does not allow."""
+
+    def __init__(self, job_id: object, status: str, action: str) -> None:
+        super().__init__(f"job {job_id} is {status}: cannot {action}")
+        self.status = status
+        self.action = action
+
+
+class Job(Aggregate):
+    class Submitted(Aggregate.Created):
+        account_id: str
+        cargo: str
+        cargo_id: int
+        kind: str
+        model: str
+        input: dict
+        prefs: dict
+        hold_micro: int
+        max_attempts: int
+        status: str
+        parent_id: str
+        batch_index: int
+        idem_fp: str
+
+    def __init__(self, account_id: str, cargo: str, cargo_id: int, kind: str, model: str, input: dict,  # noqa: A002
+                 prefs: dict, hold_micro: int, max_attempts: int, status: str, parent_id: str, batch_index: int,
+                 idem_fp: str) -> None:
+        assert status in WAITING
+        self.account_id = account_id
+        self.cargo = cargo
+        self.cargo_id = cargo_id
+        self.kind = kind
+        self.model = model
+        self.input = input
+        self.prefs = prefs
+        self.hold_micro = hold_micro
+        self.max_attempts = max_attempts
+        self.status = status
+        self.parent_id = parent_id
+        self.batch_index = batch_index
+        self.idem_fp = idem_fp
+        self.attempts = 0  # assignments that reached running and then lapsed
+        self.offers = 0
+        self.excluded: list[str] = []
+        self.island_id = ""
+        self.owner_account_id = ""
+        self.started_at = None
+        self.completed_at = None
+        self.usage: dict | None = None
+        self.output: str | None = None
+        self.error: str | None = None
+        self.charged_micro = 0
+        self.tokens_per_s_milli = 0
+        self.compute_ms = 0
+        self.score: dict | None = None
+
+    # ------------------------------------------------------------ events
+    class Queued(Aggregate.Event):
+        """A pending Job (batch child) enters the dispatch queue."""
+
+        def apply(self, job: Job) -> None:
+            job.status = QUEUED
+
+    class Assigned(Aggregate.Event):
+        """Offered to an Island; `score` explains why this one (routing breakdown)."""
+
+        island_id: str
+        owner_account_id: str
+        ack_deadline_ms: int
+        score: dict
+        candidates: int
+
+        def apply(self, job: Job) -> None:
+            job.status = ASSIGNED
+            job.island_id = self.island_id
+            job.owner_account_id = self.owner_account_id
+            job.offers += 1
+            job.score = self.score
+
+    class OfferDeclined(Aggregate.Event):
+        """The Island rejected the offer or let it expire: back to the queue, Island excluded."""
+
+        island_id: str
+        reason: str  # rejected | ack_timeout | island_offline
+
+        def apply(self, job: Job) -> None:
+            job.status = QUEUED
+            job.excluded = [*job.excluded, self.island_id]
+            job.island_id = ""
+            job.owner_account_id = ""
+
+    class Started(Aggregate.Event):
+        island_id: str
+        lease_deadline_ms: int
+
+        def apply(self, job: Job) -> None:
+            job.status = RUNNING
+            job.started_at = self.timestamp
+
+    class Requeued(Aggregate.Event):
+        """The running Job's lease lapsed (or its Island went away) before any output."""
+
+        island_id: str
+        reason: str
+
+        def apply(self, job: Job) -> None:
+            job.status = QUEUED
+            job.attempts += 1
+            job.excluded = [*job.excluded, self.island_id]
+            job.island_id = ""
+            job.owner_account_id = ""
+            job.started_at = None
+
+    class Completed(Aggregate.Event):
+        usage: dict
+        output: str
+        charged_micro: int
+        earning_micro: int
+        fee_micro: int
+        compute_ms: int
+        tokens_per_s_milli: int
+
+        def apply(self, job: Job) -> None:
+            job.status = COMPLETED
+            job.usage = self.usage
+            job.output = self.output
+            job.charged_micro = self.charged_micro
+            job.compute_ms = self.compute_ms
+            job.tokens_per_s_milli = self.tokens_per_s_milli
+            job.completed_at = self.timestamp
+
+    class Failed(Aggregate.Event):
+        reason: str
+        island_fault: bool
+        charged_micro: int
+
+        def apply(self, job: Job) -> None:
+            job.status = FAILED
+            job.error = self.reason
+            job.charged_micro = self.charged_micro
+            job.completed_at = self.timestamp
+
+    class Cancelled(Aggregate.Event):
+        by: str
+        stage: str  # the status it was cancelled in
+        charged_micro: int
+        usage: dict
+
+        def apply(self, job: Job) -> None:
+            job.status = CANCELLED
+            job.error = f"cancelled by {self.by}"
+            job.charged_micro = self.charged_micro
+            job.usage = self.usage or None
+            job.completed_at = self.timestamp
+
+    class TimedOut(Aggregate.Event):
+        waited_ms: int
+
+        def apply(self, job: Job) -> None:
+            job.status = TIMEOUT
+            job.error = f"no Island took the job within {self.waited_ms // 1000} s"
+            job.completed_at = self.timestamp
+
+    # ------------------------------------------------------------ reads
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def require(self, statuses: frozenset[str] | set[str], action: str) -> None:
+        if self.status not in statuses:
+            raise IllegalTransition(self.id, self.status, action)

@@ -1,0 +1,180 @@
+"""The live Island registry: static facts from Island events, live state from heartbeats
+(never events), the Jobs each Island holds, and the routing index kept in step with it
+incrementally."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from ledger.pricing import credits_to_micro
+from routing.index import CandidateIndex
+from routing.types import IslandView
+
+MAX_CARGOS = 64
+MAX_MODELS = 256
+
+
+class BadCapabilities(ValueError):
+    pass
+
+
+def parse_capabilities(raw: dict[str, Any]) -> dict[str, Any]:
+    """Canonical capabilities (what an Island serves and has) from a hello/registration."""
+    if not isinstance(raw, dict):
+        raise BadCapabilities("capabilities must be an object")
+
+    def strings(key: str, limit: int) -> list[str]:
+        v = raw.get(key, [])
+        if not isinstance(v, list) or len(v) > limit or not all(isinstance(x, str) and 0 < len(x) <= 128 for x in v):
+            raise BadCapabilities(f"{key} must be a list of at most {limit} strings")
+        return sorted(set(v))
+
+    def integer(key: str, default: int, low: int, high: int) -> int:
+        v = raw.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            raise BadCapabilities(f"{key} must be an integer within {low}..{high}")
+        return v
+
+    def text(key: str, default: str) -> str:
+        v = raw.get(key, default)
+        if not isinstance(v, str) or len(v) > 64:
+            raise BadCapabilities(f"{key} must be a string of at most 64 characters")
+        return v
+
+    asks_raw = raw.get("asks", {})
+    if not isinstance(asks_raw, dict) or len(asks_raw) > MAX_CARGOS:
+        raise BadCapabilities("asks must be an object of Cargo slug -> price in credits")
+    asks: dict[str, int] = {}
+    for slug, price in asks_raw.items():
+        try:
+            if isinstance(price, float):
+                raise TypeError("prices are decimal strings, not floats")
+            asks[str(slug)] = credits_to_micro(price)
+        except (TypeError, ValueError) as exc:
+            raise BadCapabilities(f"asks.{slug}: {exc}") from None
+    return {
+        "cargos": strings("cargos", MAX_CARGOS),
+        "models": strings("models", MAX_MODELS),
+        "vram_mb": integer("vram_mb", 0, 0, 10_000_000),
+        "ram_mb": integer("ram_mb", 0, 0, 100_000_000),
+        "cpu_cores": integer("cpu_cores", 1, 1, 4096),
+        "gpu_model": text("gpu_model", ""),
+        "region": text("region", "unknown"),
+        "platform": text("platform", "linux"),
+        "hardware_tier": integer("hardware_tier", 0, 0, 4),
+        "slots": integer("slots", 1, 1, 1024),
+        "asks_micro": asks,
+    }
+
+
+@dataclass
+class IslandRecord:
+    island_id: str
+    owner_account_id: str
+    name: str
+    capabilities: dict[str, Any]
+    approved: bool
+    karma_milli: int = 0
+    online: bool = False  # live: heartbeats arriving
+    last_heartbeat_ms: int = 0
+    slots_total: int = 1
+    load_permille: int = 0
+    latency_ms: int = 50
+    warm_models: frozenset[str] = frozenset()
+    active: set[UUID] = field(default_factory=set)  # Jobs assigned to or running on it
+
+    def view(self) -> IslandView:
+        caps = self.capabilities
+        return IslandView(
+            island_id=self.island_id, owner_account_id=self.owner_account_id, online=self.online,
+            approved=self.approved, slots_total=self.slots_total,
+            slots_free=max(0, self.slots_total - len(self.active)),
+            cargos=frozenset(caps.get("cargos", ())), models=frozenset(caps.get("models", ())),
+            warm_models=self.warm_models, vram_mb=caps.get("vram_mb", 0), ram_mb=caps.get("ram_mb", 0),
+            region=caps.get("region", "unknown"), platform=caps.get("platform", "linux"),
+            hardware_tier=caps.get("hardware_tier", 0), karma_milli=self.karma_milli,
+            latency_ms=self.latency_ms, load_permille=self.load_permille,
+            ask_micro=dict(caps.get("asks_micro", {})))
+
+
+class Registry:
+    def __init__(self, index: CandidateIndex) -> None:
+        self.index = index
+        self.islands: dict[str, IslandRecord] = {}
+
+    def _sync(self, rec: IslandRecord) -> None:
+        self.index.upsert(rec.view())
+
+    def register(self, island_id: str, owner: str, name: str, capabilities: dict[str, Any], approved: bool) -> None:
+        rec = self.islands.get(island_id)
+        if rec is None:
+            rec = IslandRecord(island_id, owner, name, capabilities, approved,
+                               slots_total=capabilities.get("slots", 1))
+            self.islands[island_id] = rec
+        else:
+            rec.capabilities, rec.approved = capabilities, approved
+        self._sync(rec)
+
+    def set_approved(self, island_id: str, approved: bool) -> None:
+        rec = self.islands.get(island_id)
+        if rec is not None and rec.approved != approved:
+            rec.approved = approved
+            self._sync(rec)
+
+    def set_capabilities(self, island_id: str, capabilities: dict[str, Any]) -> None:
+        rec = self.islands.get(island_id)
+        if rec is not None:
+            rec.capabilities = capabilities
+            rec.slots_total = capabilities.get("slots", rec.slots_total)
+            self._sync(rec)
+
+    def set_karma(self, island_id: str, karma_milli: int) -> None:
+        rec = self.islands.get(island_id)
+        if rec is not None and rec.karma_milli != karma_milli:
+            rec.karma_milli = karma_milli
+            self.index.set_karma(island_id, karma_milli)
+
+    def heartbeat(self, island_id: str, now_ms: int, *, slots_total: int | None = None,
+                  load_permille: int | None = None, latency_ms: int | None = None,
+                  warm_models: frozenset[str] | None = None) -> bool:
+        """Live state from a heartbeat. Returns True if the Island just came online."""
+        rec = self.islands.get(island_id)
+        if rec is None:
+            return False
+        came_online = not rec.online
+        rec.online = True
+        rec.last_heartbeat_ms = now_ms
+        if slots_total is not None:
+            rec.slots_total = slots_total
+        if load_permille is not None:
+            rec.load_permille = load_permille
+        if latency_ms is not None:
+            rec.latency_ms = latency_ms
+        if warm_models is not None:
+            rec.warm_models = warm_models
+        self._sync(rec)
+        return came_online
+
+    def set_offline(self, island_id: str) -> None:
+        rec = self.islands.get(island_id)
+        if rec is not None and rec.online:
+            rec.online = False
+            self._sync(rec)
+
+    def stale(self, now_ms: int, offline_after_ms: int) -> list[str]:
+        return [r.island_id for r in self.islands.values()
+                if r.online and now_ms - r.last_heartbeat_ms > offline_after_ms]
+
+    def reserve(self, island_id: str, job_id: UUID) -> None:
+        rec = self.islands.get(island_id)
+        if rec is not None and job_id not in rec.active:
+            rec.active.add(job_id)
+            self._sync(rec)
+
+    def release(self, island_id: str, job_id: UUID) -> None:
+        rec = self.islands.get(island_id)
+        if rec is not None and job_id in rec.active:
+            rec.active.discard(job_id)
+            self._sync(rec)

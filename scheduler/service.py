@@ -1,0 +1,342 @@
+"""The scheduler's public face: consumer commands (submit, cancel, read), Island
+commands (register, heartbeat, accept, output, complete, fail), and the loop that drives
+the dispatch core. Sync methods block; `a*` methods await (for the HTTP layer)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+import msgspec
+import structlog
+
+from ledger.errors import LedgerError
+from ledger.service import LedgerConfig, fingerprint
+from scheduler import commands as cmd
+from scheduler.admission import QUEUE_FULL, AdmissionRefused, RefusalCounter, admit, refusal_from_ledger
+from scheduler.catalog import Catalog
+from scheduler.config import SchedulerConfig
+from scheduler.dispatcher import SCHEDULER_TOPICS, DispatchCore, LeaderLock, SchedulerListener
+from scheduler.islands import Island
+from scheduler.jobs import Job
+from scheduler.registry import parse_capabilities
+from store.clock import Clock, IdSource
+from store.factory import iter_log
+from store.unit_of_work import GroupCommitter, UnitOfWork
+
+log = structlog.get_logger("scheduler")
+T = TypeVar("T")
+
+JOB_NAMESPACE = uuid.UUID("6f1d7a52-3c1e-4c55-9a55-0a7c1e0c0002")
+ISLAND_NAMESPACE = uuid.UUID("6f1d7a52-3c1e-4c55-9a55-0a7c1e0c0003")
+
+
+class JobView(msgspec.Struct, frozen=True, kw_only=True):
+    """A Job as readers see it (internal status; the API maps `assigned` to `queued`)."""
+
+    id: str
+    account_id: str
+    cargo: str
+    cargo_id: int
+    kind: str
+    model: str
+    status: str
+    input: dict[str, Any]
+    output: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    usage: dict[str, Any] | None
+    hold_micro: int
+    charged_micro: int
+    island_id: str
+    tokens_per_s_milli: int
+    compute_ms: int
+    parent_id: str
+    batch_index: int
+    attempts: int
+    score: dict[str, Any] | None
+
+    @property
+    def duration_ms(self) -> int | None:
+        if self.started_at and self.completed_at:
+            return int((self.completed_at - self.started_at).total_seconds() * 1000)
+        return None
+
+
+def job_view(job: Job) -> JobView:
+    return JobView(id=str(job.id), account_id=job.account_id, cargo=job.cargo, cargo_id=job.cargo_id,
+                   kind=job.kind, model=job.model, status=job.status, input=job.input, output=job.output,
+                   error=job.error, created_at=job.created_on, started_at=job.started_at,
+                   completed_at=job.completed_at, usage=job.usage, hold_micro=job.hold_micro,
+                   charged_micro=job.charged_micro, island_id=job.island_id,
+                   tokens_per_s_milli=job.tokens_per_s_milli, compute_ms=job.compute_ms, parent_id=job.parent_id,
+                   batch_index=job.batch_index, attempts=job.attempts, score=job.score)
+
+
+@dataclass(frozen=True)
+class IslandCredentials:
+    island_id: str
+    token: str  # shown once; only its hash is stored
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Scheduler:
+    def __init__(self, committer: GroupCommitter, catalog: Catalog, ledger_config: LedgerConfig,
+                 config: SchedulerConfig, clock: Clock, ids: IdSource, *, listener: SchedulerListener | None = None,
+                 leader: LeaderLock | None = None, single_writer: bool = True) -> None:
+        self.committer = committer
+        self.catalog = catalog
+        self.ledger_config = ledger_config
+        self.config = config
+        self.clock = clock
+        self.ids = ids
+        self.refusals = RefusalCounter()
+        app = committer.app
+
+        def read_log(start: int) -> list[tuple[int, Any]]:
+            return list(iter_log(app, start=start, page=config.log_poll_page, topics=SCHEDULER_TOPICS))[
+                : config.log_poll_page * 50]
+
+        self.core = DispatchCore(committer, catalog, ledger_config, config, read_log=read_log, listener=listener,
+                                 leader=leader, single_writer=single_writer)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------ running
+    def recover(self) -> int:
+        """Rebuild the live view (queued and running Jobs, Islands) from the whole log."""
+        return self.core.catch_up(self.clock.now_ms(), force_db=True)
+
+    def start(self, *, idle_wait_s: float = 0.05) -> None:
+        """Drive the dispatch core from a background thread (the server's mode)."""
+        self.recover()
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.core.step(self.clock.now_ms())
+                except Exception:  # noqa: BLE001
+                    log.exception("dispatch_step_failed")
+                nxt = self.core.next_timer_ms()
+                wait_s = idle_wait_s
+                if nxt is not None:
+                    wait_s = max(0.0, min(wait_s, (nxt - self.clock.now_ms()) / 1000))
+                self.core.wake.wait(wait_s)
+                self.core.wake.clear()
+
+        self._thread = threading.Thread(target=loop, name="dispatch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.core.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def step(self, now_ms: int | None = None) -> int:
+        return self.core.step(self.clock.now_ms() if now_ms is None else now_ms)
+
+    # ------------------------------------------------------------ plumbing
+    def _run(self, command: Callable[[UnitOfWork], T]) -> T:
+        return self.committer.execute(command)
+
+    async def _arun(self, command: Callable[[UnitOfWork], T]) -> T:
+        return await self.committer.aexecute(command)
+
+    def _future(self, command: Callable[[UnitOfWork], T]) -> Future:
+        return self.committer.submit(command)
+
+    # ------------------------------------------------------------ consumers
+    def _submit_command(self, account_id: UUID, cargo_slug: str, raw_input: Any, prefs: dict[str, Any] | None,
+                        idempotency_key: str | None, parent_id: str, batch_index: int,
+                        pending: bool) -> Callable[[UnitOfWork], JobView]:
+        try:
+            admitted = admit(self.catalog, cargo_slug, raw_input, prefs)
+            if self.core.queue.account_backlog(str(account_id)) >= self.config.max_queued_per_account:
+                raise AdmissionRefused(QUEUE_FULL, f"at most {self.config.max_queued_per_account} queued jobs "
+                                                   f"per account")
+        except AdmissionRefused as refusal:
+            self.refusals.record(refusal)
+            raise
+        if idempotency_key:
+            job_id = uuid.uuid5(JOB_NAMESPACE, f"{account_id}:{idempotency_key}")
+            idem_fp = fingerprint(cargo_slug, msgspec.json.encode(admitted.input_dict).decode(),
+                                  msgspec.json.encode(admitted.prefs).decode(), parent_id, batch_index)
+        else:
+            job_id, idem_fp = self.ids.new_uuid(), ""
+
+        def command(uow: UnitOfWork) -> JobView:
+            try:
+                job = cmd.submit_in(uow, self.ledger_config, self.config, job_id, account_id, admitted,
+                                    parent_id=parent_id, batch_index=batch_index, pending=pending, idem_fp=idem_fp)
+            except LedgerError as exc:
+                raise refusal_from_ledger(exc) from None
+            return job_view(job)
+
+        return command
+
+    def _count_refusal(self, exc: BaseException) -> None:
+        if isinstance(exc, AdmissionRefused):
+            self.refusals.record(exc)
+
+    def submit(self, account_id: UUID, cargo_slug: str, raw_input: Any, prefs: dict[str, Any] | None = None, *,
+               idempotency_key: str | None = None, parent_id: str = "", batch_index: int = -1,
+               pending: bool = False) -> JobView:
+        command = self._submit_command(account_id, cargo_slug, raw_input, prefs, idempotency_key, parent_id,
+                                       batch_index, pending)
+        try:
+            return self._run(command)
+        except AdmissionRefused as exc:
+            self._count_refusal(exc)
+            raise
+
+    async def asubmit(self, account_id: UUID, cargo_slug: str, raw_input: Any,
+                      prefs: dict[str, Any] | None = None, *, idempotency_key: str | None = None,
+                      parent_id: str = "", batch_index: int = -1, pending: bool = False) -> JobView:
+        command = self._submit_command(account_id, cargo_slug, raw_input, prefs, idempotency_key, parent_id,
+                                       batch_index, pending)
+        try:
+            return await self._arun(command)
+        except AdmissionRefused as exc:
+            self._count_refusal(exc)
+            raise
+
+    def submit_future(self, account_id: UUID, cargo_slug: str, raw_input: Any,
+                      prefs: dict[str, Any] | None = None) -> Future:
+        """Non-blocking submit (benchmarks, simulator): the future holds a JobView."""
+        return self._future(self._submit_command(account_id, cargo_slug, raw_input, prefs, None, "", -1, False))
+
+    def _cancel_command(self, job_id: UUID, account_id: UUID | None, by: str) -> Callable[[UnitOfWork], JobView]:
+        live = self.core.live_job(job_id)
+        delivered = live.delivered_tokens if live is not None else 0
+
+        def command(uow: UnitOfWork) -> JobView:
+            return job_view(cmd.cancel_in(uow, self.ledger_config, self.catalog, job_id,
+                                          account_id=str(account_id) if account_id else None, by=by,
+                                          delivered_tokens=delivered))
+
+        return command
+
+    def cancel(self, job_id: UUID, *, account_id: UUID | None, by: str) -> JobView:
+        return self._run(self._cancel_command(job_id, account_id, by))
+
+    async def acancel(self, job_id: UUID, *, account_id: UUID | None, by: str) -> JobView:
+        return await self._arun(self._cancel_command(job_id, account_id, by))
+
+    def release_pending(self, job_id: UUID) -> JobView:
+        return self._run(lambda uow: job_view(cmd.release_pending_in(uow, job_id)))
+
+    async def arelease_pending(self, job_id: UUID) -> JobView:
+        return await self._arun(lambda uow: job_view(cmd.release_pending_in(uow, job_id)))
+
+    def _read_job(self, job_id: UUID, account_id: UUID | None) -> Callable[[UnitOfWork], JobView | None]:
+        def read(uow: UnitOfWork) -> JobView | None:
+            job = uow.get_or_none(job_id, fresh=not self.core.single_writer)
+            if not isinstance(job, Job) or (account_id is not None and job.account_id != str(account_id)):
+                return None
+            return job_view(job)
+
+        return read
+
+    def get_job(self, job_id: UUID, account_id: UUID | None = None) -> JobView | None:
+        """A Job by id; None if unknown or owned by another account (never leak existence)."""
+        return self.committer.query(self._read_job(job_id, account_id))
+
+    async def aget_job(self, job_id: UUID, account_id: UUID | None = None) -> JobView | None:
+        return await self.committer.aquery(self._read_job(job_id, account_id))
+
+    # ------------------------------------------------------------ islands
+    def register_island(self, owner_account_id: UUID, name: str, capabilities: dict[str, Any], *,
+                        approve: bool = False, island_id: UUID | None = None, token: str | None = None
+                        ) -> IslandCredentials:
+        caps = parse_capabilities(capabilities)
+        island_id = island_id or self.ids.new_uuid()
+        token = token or "it_" + uuid.UUID(int=self.ids.new_uuid().int).hex + self.ids.new_uuid().hex
+        self._run(lambda uow: cmd.register_island_in(uow, self.config, island_id, owner_account_id, name[:128],
+                                                     hash_token(token), caps, approve=approve))
+        return IslandCredentials(str(island_id), token)
+
+    def set_island_approval(self, island_id: UUID, approved: bool, *, by: str, reason: str) -> None:
+        self._run(lambda uow: cmd.set_island_approval_in(uow, island_id, approved, by=by, reason=reason))
+
+    def island_by_token(self, island_id: UUID, token: str) -> Island | None:
+        def read(uow: UnitOfWork) -> Island | None:
+            island = uow.get_or_none(island_id)
+            if not isinstance(island, Island) or island.token_hash != hash_token(token):
+                return None
+            return island
+
+        return self.committer.query(read)
+
+    def heartbeat(self, island_id: str, *, slots_total: int | None = None, load_permille: int | None = None,
+                  latency_ms: int | None = None, warm_models: frozenset[str] | None = None) -> None:
+        self.core.heartbeat(island_id, self.clock.now_ms(), slots_total=slots_total, load_permille=load_permille,
+                            latency_ms=latency_ms, warm_models=warm_models)
+
+    def accept(self, island_id: str, job_id: UUID) -> JobView:
+        deadline = self.clock.now_ms() + self.config.lease_ms
+        return self._run(lambda uow: job_view(cmd.accept_in(uow, job_id, island_id, deadline)))
+
+    def accept_future(self, island_id: str, job_id: UUID) -> Future:
+        deadline = self.clock.now_ms() + self.config.lease_ms
+        return self._future(lambda uow: job_view(cmd.accept_in(uow, job_id, island_id, deadline)))
+
+    def reject(self, island_id: str, job_id: UUID) -> JobView:
+        return self._run(lambda uow: job_view(cmd.reject_in(uow, self.config, job_id, island_id)))
+
+    def renew_lease(self, island_id: str, job_id: UUID) -> bool:
+        return self.core.renew_lease(island_id, job_id, self.clock.now_ms())
+
+    def output(self, island_id: str, job_id: UUID, tokens: int) -> bool:
+        return self.core.output_progress(island_id, job_id, tokens)
+
+    def _complete_command(self, island_id: str, job_id: UUID, usage: dict[str, Any], output: str,
+                          compute_ms: int) -> Callable[[UnitOfWork], JobView]:
+        return lambda uow: job_view(cmd.complete_in(uow, self.ledger_config, self.config, self.catalog, job_id,
+                                                    island_id, usage, output, compute_ms))
+
+    def complete(self, island_id: str, job_id: UUID, usage: dict[str, Any], output: str,
+                 compute_ms: int) -> JobView:
+        return self._run(self._complete_command(island_id, job_id, usage, output, compute_ms))
+
+    def complete_future(self, island_id: str, job_id: UUID, usage: dict[str, Any], output: str,
+                        compute_ms: int) -> Future:
+        return self._future(self._complete_command(island_id, job_id, usage, output, compute_ms))
+
+    def _fail_command(self, island_id: str, job_id: UUID, reason: str, retryable: bool):
+        live = self.core.live_job(job_id)
+        streamed = bool(live and live.streamed)
+        return lambda uow: job_view(cmd.fail_in(uow, self.ledger_config, self.config, job_id, island_id, reason,
+                                                retryable=retryable, streamed=streamed))
+
+    def fail(self, island_id: str, job_id: UUID, reason: str, *, retryable: bool = False) -> JobView:
+        return self._run(self._fail_command(island_id, job_id, reason, retryable))
+
+    # async variants for the HTTP / channel layer
+    async def aaccept(self, island_id: str, job_id: UUID) -> JobView:
+        deadline = self.clock.now_ms() + self.config.lease_ms
+        return await self._arun(lambda uow: job_view(cmd.accept_in(uow, job_id, island_id, deadline)))
+
+    async def areject(self, island_id: str, job_id: UUID) -> JobView:
+        return await self._arun(lambda uow: job_view(cmd.reject_in(uow, self.config, job_id, island_id)))
+
+    async def acomplete(self, island_id: str, job_id: UUID, usage: dict[str, Any], output: str,
+                        compute_ms: int) -> JobView:
+        return await self._arun(self._complete_command(island_id, job_id, usage, output, compute_ms))
+
+    async def afail(self, island_id: str, job_id: UUID, reason: str, *, retryable: bool = False) -> JobView:
+        return await self._arun(self._fail_command(island_id, job_id, reason, retryable))
