@@ -5,6 +5,7 @@ global random, no imports of other project packages. See docs/ROUTING.md."""
 from routing.filters import eligible
 from routing.index import CandidateIndex, full_scan_choose
 from routing.karma import (
+    DEFAULT_RATES,
     Accrual,
     KarmaRates,
     can_withdraw,
@@ -27,6 +28,7 @@ from routing.types import (
 
 __all__ = [
     "ANY_KARMA_MILLI",
+    "DEFAULT_RATES",
     "REASONS",
     "Accrual",
     "CandidateIndex",

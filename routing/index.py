@@ -58,7 +58,7 @@ _Entry = tuple[float, str]  # (-base score, island id): ascending = best first
 _NEG_INF = float("-inf")
 
 #: Islands a decision may examine before it restarts with whole-list proofs enabled.
-SCAN_BUDGET = 128
+SCAN_BUDGET = 64
 
 
 class _Pool:

@@ -68,8 +68,9 @@ class IslandView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     ask_micro: dict[str, int] = {}  # Cargo slug -> asking price per Job; absent = 0
 
     def problems(self) -> list[str]:
-        """Violated invariants (empty = valid). Checked by ``CandidateIndex`` on every
-        write instead of in ``__post_init__`` so that hot-path copies stay cheap."""
+        """Violated invariants (empty = valid). ``CandidateIndex.upsert`` refuses an
+        invalid view; its update methods check the fields they change. Not done in
+        ``__post_init__`` so that hot-path copies (``msgspec.structs.replace``) stay cheap."""
         out: list[str] = []
         if not self.island_id:
             out.append("empty island_id")

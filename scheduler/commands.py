@@ -96,7 +96,9 @@ def submit_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConf
               pending: bool = False, idem_fp: str = "") -> Job:
     """`JobSubmitted` and the consumer's hold, one atomic save. The hold lives long
     enough for the queue wait and every attempt; the sweeper releases it if all else fails."""
-    existing = uow.get_or_none(job_id)
+    # A fresh random id cannot exist (the insert's uniqueness would catch it anyway); only
+    # an id derived from an idempotency key needs the read.
+    existing = uow.get_or_none(job_id) if idem_fp else None
     if existing is not None:
         if not isinstance(existing, Job) or existing.account_id != str(account_id) or existing.idem_fp != idem_fp:
             raise IdempotencyMismatch(f"job {job_id} exists with different content")

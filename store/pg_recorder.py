@@ -1,0 +1,42 @@
+"""PostgreSQL application recorder with a cheaper insert.
+
+The library inserts a batch as one array of a composite type; psycopg dumps composite
+arrays in Python, row by row, which measured as a quarter of the writer thread's time
+under load. This subclass sends four arrays of plain types instead (uuid[], bigint[],
+text[], bytea[]) that psycopg's C dumpers handle. Everything else — the EXCLUSIVE table
+lock that makes commit order equal notification order, NOTIFY, RETURNING the
+notification ids in insert order — is the library's own code path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from psycopg.sql import SQL, Identifier
+
+
+class FastPostgresApplicationRecorder(PostgresApplicationRecorder):
+    def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events") -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        self.insert_plain_arrays_statement = SQL(
+            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
+            "SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[]) "
+            "RETURNING notification_id"
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name),
+                 id_type=Identifier(self.datastore.originator_id_type))
+
+    def _insert_stored_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(
+            self.insert_plain_arrays_statement,
+            (
+                [e.originator_id for e in stored_events],
+                [e.originator_version for e in stored_events],
+                [e.topic for e in stored_events],
+                [e.state for e in stored_events],
+            ),
+            prepare=True,
+        )
