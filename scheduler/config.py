@@ -23,6 +23,7 @@ class SchedulerConfig:
     max_queued_per_account: int = 1_000  # bound on one account's backlog
     max_queued_total: int = 200_000  # bound on the whole queue
     log_poll_page: int = 1_000  # events read per poll of the log
+    log_poll_ms: int = 100  # read the log for other processes' commits at least this often
     routing_seed: int = 0  # ties between equal Islands are broken by a seeded random source
     weights: Weights = field(default_factory=Weights)
     karma: KarmaRates = field(default_factory=KarmaRates)

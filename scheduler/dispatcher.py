@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import random
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -119,14 +120,13 @@ class AlwaysLeader:
 
 class DispatchCore:
     def __init__(self, committer: GroupCommitter, catalog: Catalog, ledger_config: LedgerConfig,
-                 config: SchedulerConfig, *, read_log: Callable[[int], list[tuple[int, Any]]],
-                 listener: SchedulerListener | None = None, leader: LeaderLock | None = None,
-                 single_writer: bool = True) -> None:
+                 config: SchedulerConfig, *, read_log: Callable[[int], tuple[int, list[tuple[int, Any]]]],
+                 listener: SchedulerListener | None = None, leader: LeaderLock | None = None) -> None:
         self.committer = committer
         self.catalog = catalog
         self.ledger_config = ledger_config
         self.config = config
-        self.read_log = read_log  # start position -> [(position, event)] for scheduler topics
+        self.read_log = read_log  # start -> (last position read, [(position, scheduler event)])
         self.listener: SchedulerListener = listener or NullListener()
         self.leader = leader or AlwaysLeader()
         self.index = CandidateIndex(weights=config.weights)
@@ -134,12 +134,13 @@ class DispatchCore:
         self.queue = FairQueue(config.max_queued_per_account, config.max_queued_total)
         self.jobs: dict[UUID, LiveJob] = {}
         self.rng = random.Random(config.routing_seed)
-        self.position = 0
+        self.position = 0  # last scheduler event applied
         self._timers: list[tuple[int, int, int, UUID, int]] = []
         self._timer_seq = 0
-        self.single_writer = single_writer
-        self._buffer: list[tuple[int, Any]] = []
+        self.log_position = 0  # every event up to here has been seen (applied or not ours)
+        self._buffer: deque[tuple[int, int, list[tuple[int, Any]]]] = deque()
         self._buffer_lock = threading.Lock()
+        self._last_db_read_ms = -(10**15)
         self.lock = threading.RLock()  # guards everything above; never held across a commit wait
         self.wake = threading.Event()
         self.stats = {"assigned": 0, "dispatch_rounds": 0, "no_candidate": 0, "timers": 0, "lost_races": 0}
@@ -147,41 +148,48 @@ class DispatchCore:
 
     # ------------------------------------------------------------ log intake
     def _on_commit(self, recordings: list[Any]) -> None:
-        """Writer thread: with a single writer, keep our own scheduler events by position so
-        the core needs no database read to learn what it just wrote; always wake it."""
-        if self.single_writer:
+        """Writer thread: keep each of our commits (its position range and its scheduler
+        events) so the core can apply it without reading it back from the database."""
+        if recordings:
             mine = [(r.notification.id, r.domain_event) for r in recordings
                     if isinstance(r.domain_event, _SCHEDULER_EVENTS)]
-            if mine:
-                with self._buffer_lock:
-                    self._buffer.extend(mine)
+            with self._buffer_lock:
+                self._buffer.append((recordings[0].notification.id, recordings[-1].notification.id, mine))
         self.wake.set()
 
     def catch_up(self, now_ms: int, *, force_db: bool = False) -> int:
-        """Apply every scheduler event after `position`, in log order. Returns how many.
+        """Apply every scheduler event after `log_position`, in log order; return how many.
 
-        Single writer (embedded SQLite, memory): our commits are the whole log, so the
-        buffered events are complete and in order. Several writers (PostgreSQL): read the
-        log from `position` (commit order = position order under the recorder's table lock)."""
+        A buffered commit of our own is applied straight from memory when it starts right
+        after `log_position` (then nothing can lie between). Otherwise — another process
+        wrote, or a failed insert left a gap in the id sequence — and on a timer, the log
+        is read from the database (commit order = position order under the recorder's
+        table lock, so a reader at `log_position` never skips anything)."""
         applied = 0
         with self.lock:
-            if self.single_writer and not force_db:
+            while not force_db:
                 with self._buffer_lock:
-                    batch, self._buffer = self._buffer, []
-                for pos, ev in batch:
-                    if pos > self.position:
-                        self._apply(pos, ev, now_ms)
-                        applied += 1
-                return applied
-            with self._buffer_lock:
-                self._buffer.clear()
-            while True:
-                page = self.read_log(self.position + 1)
-                for pos, ev in page:
+                    while self._buffer and self._buffer[0][1] <= self.log_position:
+                        self._buffer.popleft()
+                    if not self._buffer or self._buffer[0][0] != self.log_position + 1:
+                        break
+                    first, last, events = self._buffer.popleft()
+                for pos, ev in events:
                     self._apply(pos, ev, now_ms)
                     applied += 1
-                if len(page) < self.config.log_poll_page:
-                    break
+                self.log_position = last
+            with self._buffer_lock:
+                gap = bool(self._buffer)
+            if force_db or gap or now_ms - self._last_db_read_ms >= self.config.log_poll_ms:
+                self._last_db_read_ms = now_ms
+                while True:
+                    last, page = self.read_log(self.log_position + 1)
+                    for pos, ev in page:
+                        self._apply(pos, ev, now_ms)
+                        applied += 1
+                    if last <= self.log_position:
+                        break
+                    self.log_position = last
         return applied
 
     # ------------------------------------------------------------ applying events

@@ -28,7 +28,6 @@ from scheduler.islands import Island
 from scheduler.jobs import Job
 from scheduler.registry import parse_capabilities
 from store.clock import Clock, IdSource
-from store.factory import iter_log
 from store.unit_of_work import GroupCommitter, UnitOfWork
 
 log = structlog.get_logger("scheduler")
@@ -105,12 +104,20 @@ class Scheduler:
         self.refusals = RefusalCounter()
         app = committer.app
 
-        def read_log(start: int) -> list[tuple[int, Any]]:
-            return list(iter_log(app, start=start, page=config.log_poll_page, topics=SCHEDULER_TOPICS))[
-                : config.log_poll_page * 50]
+        topics = frozenset(SCHEDULER_TOPICS)
+
+        def read_log(start: int) -> tuple[int, list[tuple[int, Any]]]:
+            """One page of the log from `start`: the last position read, and the scheduler
+            events in it (other events are skipped without decoding)."""
+            notifications = app.recorder.select_notifications(start=start, limit=config.log_poll_page)
+            if not notifications:
+                return start - 1, []
+            events = [(n.id, app.mapper.to_domain_event(n)) for n in notifications if n.topic in topics]
+            return notifications[-1].id, events
 
         self.core = DispatchCore(committer, catalog, ledger_config, config, read_log=read_log, listener=listener,
-                                 leader=leader, single_writer=single_writer)
+                                 leader=leader)
+        self.shared_store = not single_writer  # other processes may write: reads go to the database
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -245,7 +252,7 @@ class Scheduler:
 
     def _read_job(self, job_id: UUID, account_id: UUID | None) -> Callable[[UnitOfWork], JobView | None]:
         def read(uow: UnitOfWork) -> JobView | None:
-            job = uow.get_or_none(job_id, fresh=not self.core.single_writer)
+            job = uow.get_or_none(job_id, fresh=self.shared_store)
             if not isinstance(job, Job) or (account_id is not None and job.account_id != str(account_id)):
                 return None
             return job_view(job)

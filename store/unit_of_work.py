@@ -22,14 +22,13 @@ Failure isolation:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import queue
 import random
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from uuid import UUID
@@ -37,7 +36,7 @@ from uuid import UUID
 import structlog
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import BaseAggregate
-from eventsourcing.persistence import IntegrityError, Recording
+from eventsourcing.persistence import IntegrityError, Notification, Recording
 
 from store.clock import Clock
 
@@ -165,6 +164,7 @@ class GroupCommitter:
         self.inline = inline
         self._inline_lock = threading.RLock()
         self._thread: threading.Thread | None = None
+        self._thread_name = name
         if not inline:
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
@@ -234,41 +234,112 @@ class GroupCommitter:
             self._cache.popitem(last=False)
         return agg
 
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                self._drain_closed()
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.window_s
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = self._queue.get(timeout=remaining)
-                    except queue.Empty:
-                        break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
+    def _take(self, block: bool) -> tuple[list[tuple[Command, Future, bool]], bool]:
+        """Commands waiting now (at most max_batch; optionally `window_s` more wait).
+        Returns (batch, stop)."""
+        batch: list[tuple[Command, Future, bool]] = []
+        try:
+            first = self._queue.get() if block else self._queue.get_nowait()
+        except queue.Empty:
+            return batch, False
+        if first is None:
+            return batch, True
+        batch.append(first)
+        deadline = time.monotonic() + self.window_s
+        while len(batch) < self.max_batch:
             try:
-                self._process(batch)
-            except BaseException as exc:  # never let the writer die silently
-                log.exception("commit_batch_crashed", batch=len(batch))
-                for _, fut, _ in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                self._cache.clear()
-            if stop:
-                self._drain_closed()
-                return
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _run(self) -> None:
+        """The writer loop, pipelined one deep: while batch N's insert is in flight on the
+        I/O thread, batch N+1's commands run on the state N left in the cache. N+1 is
+        only ever committed after N; if N fails, N+1 (built on it) is re-run with it."""
+        io = ThreadPoolExecutor(1, thread_name_prefix=f"{self._thread_name}-io")
+        inflight: _Prepared | None = None
+        try:
+            while True:
+                items, stop = self._take(block=inflight is None)
+                items = [it for it in items if it[1].set_running_or_notify_cancel()]
+                attempt = 0
+                nxt: _Prepared | None = None
+                while True:
+                    try:
+                        nxt = self._prepare(items, attempt) if items else None
+                    except _Poisoned as poison:
+                        # A command changed state and then failed: forget everything in
+                        # memory that the open batches touched, settle the one in flight,
+                        # and run this batch again without that command.
+                        self.stats.poisoned += 1
+                        log.warning("command_failed_after_mutation", error=repr(poison.exc))
+                        poison.item[1].set_exception(poison.exc)
+                        items = [it for it in items if it is not poison.item]
+                        self._evict(poison.staged)
+                        if inflight is not None:
+                            self._evict(inflight.staged)
+                            failed = self._complete(inflight, recache=False)
+                            inflight = None
+                            if failed is not None:
+                                items, attempt = failed.items + items, failed.attempt + 1
+                        continue
+                    if inflight is not None:
+                        failed = self._complete(inflight, recache=True)
+                        inflight = None
+                        if failed is not None:  # nxt was built on state that never committed
+                            if nxt is not None:
+                                self._evict(nxt.staged)
+                            items = failed.items + (nxt.items if nxt is not None else [])
+                            attempt = failed.attempt + 1
+                            if attempt >= self.max_conflict_retries:
+                                self._give_up(items, attempt)
+                                items, nxt = [], None
+                                break
+                            time.sleep(self._jitter.uniform(0, min(0.05, 0.001 * (2 ** attempt))))
+                            continue
+                    break
+                if nxt is not None:
+                    if nxt.stored:
+                        nxt.io = io.submit(self.app.recorder.insert_events, nxt.stored)
+                    inflight = nxt
+                if stop:
+                    if inflight is not None:
+                        failed = self._complete(inflight, recache=True)
+                        if failed is not None:
+                            self._give_up(failed.items, failed.attempt)
+                    self._drain_closed()
+                    return
+        except BaseException as exc:  # never let the writer die silently
+            log.exception("commit_writer_crashed")
+            for prepared in (inflight,):
+                if prepared is not None:
+                    for _, fut, _ in prepared.items:
+                        if not fut.done():
+                            fut.set_exception(exc)
+            self._cache.clear()
+            raise
+        finally:
+            io.shutdown(wait=True)
+
+    def _give_up(self, items: list[tuple[Command, Future, bool]], attempts: int) -> None:
+        err = CommitConflict(f"version conflict persisted after {attempts} attempts")
+        for _, fut, _ in items:
+            if not fut.done():
+                fut.set_exception(err)
+
+    def _evict(self, ids: Any) -> None:
+        for agg_id in ids:
+            self._cache.pop(agg_id, None)
 
     def _drain_closed(self) -> None:
         while True:
@@ -279,75 +350,122 @@ class GroupCommitter:
             if item is not None:
                 item[1].set_exception(CommitterClosed("the committer closed before this command ran"))
 
-    def _process(self, batch: list[tuple[Command, Future, bool]]) -> None:
-        pending = [item for item in batch if item[1].set_running_or_notify_cancel()]
-        for attempt in itertools.count():
-            now_ms = self.clock.now_ms()
-            uow = UnitOfWork(self, now_ms)
-            outcomes: list[tuple[Future, bool, Any]] = []
-            poisoned = False
-            for item in pending:
-                command, fut, read_only = item
-                uow._begin_command()
-                uow.read_only = read_only
-                try:
-                    result = command(uow)
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    dirtied = uow._command_dirtied()
-                    if dirtied:
-                        # The command changed state and then failed: drop everything this
-                        # batch touched and run the batch again without it.
-                        self.stats.poisoned += 1
-                        log.warning("command_failed_after_mutation", error=repr(exc), aggregates=len(dirtied))
-                        fut.set_exception(exc)
-                        pending = [p for p in pending if p is not item]
-                        for agg_id in uow._staged:
-                            self._cache.pop(agg_id, None)
-                        poisoned = True
-                        break
-                    outcomes.append((fut, False, exc))
-                    continue
-                if read_only:
-                    assert not uow._command_dirtied(), "a query changed state"
-                outcomes.append((fut, True, result))
-            if poisoned:
+    def _prepare(self, items: list[tuple[Command, Future, bool]], attempt: int) -> _Prepared:
+        """Run the batch's commands on the cached aggregates; encode their events."""
+        uow = UnitOfWork(self, self.clock.now_ms())
+        outcomes: list[tuple[Future, bool, Any]] = []
+        for item in items:
+            command, fut, read_only = item
+            uow._begin_command()
+            uow.read_only = read_only
+            try:
+                result = command(uow)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                if uow._command_dirtied():
+                    raise _Poisoned(item, exc, list(uow._staged)) from None
+                outcomes.append((fut, False, exc))
                 continue
-            aggregates = [a for a in uow._staged.values() if a._pending_events]  # type: ignore[attr-defined]
-            recordings: list[Recording] = []
-            if aggregates:
-                try:
-                    recordings = self.app.save(*aggregates)
-                except IntegrityError:
-                    self.stats.conflicts += 1
-                    for agg_id in uow._staged:
-                        self._cache.pop(agg_id, None)
-                    if attempt + 1 >= self.max_conflict_retries:
-                        err = CommitConflict(f"version conflict persisted after {attempt + 1} attempts")
-                        for _, fut, _ in pending:
-                            fut.set_exception(err)
-                        return
-                    log.info("commit_conflict_retry", attempt=attempt + 1, batch=len(pending))
-                    # Back off with jitter so that racing processes stop colliding in lockstep.
-                    time.sleep(self._jitter.uniform(0, min(0.05, 0.001 * (2 ** attempt))))
-                    continue
-                except BaseException:
-                    for agg_id in uow._staged:
-                        self._cache.pop(agg_id, None)
-                    raise
-            for agg_id, agg in uow._staged.items():
+            if read_only:
+                assert not uow._command_dirtied(), "a query changed state"
+            outcomes.append((fut, True, result))
+        events = [e for a in uow._staged.values() if a._pending_events  # type: ignore[attr-defined]
+                  for e in a.collect_events()]
+        try:
+            stored = [self.app.mapper.to_stored_event(e) for e in events]
+        except BaseException as exc:
+            # An event that cannot be encoded: fail this batch's writers, keep the process.
+            self._evict(uow._staged)
+            for fut, _, _ in outcomes:
+                fut.set_exception(exc)
+            return _Prepared([], [], [], [], {}, attempt)
+        return _Prepared(items, outcomes, events, stored, uow._staged, attempt)
+
+    def _complete(self, prepared: _Prepared, *, recache: bool) -> _Prepared | None:
+        """Wait for a batch's insert and hand out its outcomes. Returns the batch if it
+        hit a version conflict (its aggregates are evicted; the caller re-runs it)."""
+        recordings: list[Recording] = []
+        if prepared.io is not None:
+            try:
+                ids = prepared.io.result()
+            except IntegrityError:
+                self.stats.conflicts += 1
+                self._evict(prepared.staged)
+                log.info("commit_conflict_retry", attempt=prepared.attempt + 1, batch=len(prepared.items))
+                return prepared
+            except BaseException as exc:  # noqa: BLE001 - database down etc.: the callers hear of it
+                self._evict(prepared.staged)
+                for _, fut, _ in prepared.items:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return None
+            assert ids is not None and len(ids) == len(prepared.events)
+            recordings = [
+                Recording(e, Notification(originator_id=s.originator_id, originator_version=s.originator_version,
+                                          topic=s.topic, state=s.state, id=n))
+                for e, s, n in zip(prepared.events, prepared.stored, ids, strict=True)
+            ]
+        if recache:
+            for agg_id, agg in prepared.staged.items():
                 if agg_id not in self._cache:
                     self._cache[agg_id] = agg
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-            self.stats.record(len(pending), len(recordings))
-            for listener in self._listeners:
+        self.stats.record(len(prepared.items), len(recordings))
+        for listener in self._listeners:
+            try:
+                listener(recordings)
+            except Exception:  # noqa: BLE001
+                log.exception("commit_listener_failed")
+        for fut, ok, value in prepared.outcomes:
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+        return None
+
+    def _process(self, batch: list[tuple[Command, Future, bool]]) -> None:
+        """Inline mode: prepare and commit one batch in the caller's thread."""
+        items = [it for it in batch if it[1].set_running_or_notify_cancel()]
+        attempt = 0
+        while items:
+            try:
+                prepared = self._prepare(items, attempt)
+            except _Poisoned as poison:
+                self.stats.poisoned += 1
+                poison.item[1].set_exception(poison.exc)
+                items = [it for it in items if it is not poison.item]
+                self._evict(poison.staged)
+                continue
+            if prepared.stored:
+                prepared.io = Future()
                 try:
-                    listener(recordings)
-                except Exception:  # noqa: BLE001
-                    log.exception("commit_listener_failed")
-            for fut, ok, value in outcomes:
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
-            return
+                    prepared.io.set_result(self.app.recorder.insert_events(prepared.stored))
+                except BaseException as exc:  # noqa: BLE001
+                    prepared.io.set_exception(exc)
+            failed = self._complete(prepared, recache=True)
+            if failed is None:
+                return
+            attempt += 1
+            if attempt >= self.max_conflict_retries:
+                self._give_up(items, attempt)
+                return
+            time.sleep(self._jitter.uniform(0, min(0.05, 0.001 * (2 ** attempt))))
+
+
+@dataclass
+class _Prepared:
+    items: list[tuple[Command, Future, bool]]
+    outcomes: list[tuple[Future, bool, Any]]
+    events: list[Any]
+    stored: list[Any]
+    staged: dict[UUID, BaseAggregate]
+    attempt: int
+    io: Future | None = None
+
+
+class _Poisoned(Exception):
+    def __init__(self, item: tuple[Command, Future, bool], exc: BaseException, staged: list[UUID]) -> None:
+        super().__init__(repr(exc))
+        self.item = item
+        self.exc = exc
+        self.staged = staged
