@@ -52,6 +52,27 @@ def _credits(env: Mapping[str, str], name: str, default: str) -> int:
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """The HTTP server's bounds and knobs (issue #4; units in names). Read by api/app.py."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    rate_limit_per_min: int = 100  # per API key, shared across processes through Redis
+    max_body_bytes: int = 4 * 1024 * 1024  # larger bodies get 413
+    stream_retention_s: int = 3_600  # a finished Job's event stream is kept this long
+    stream_live_ttl_s: int = 86_400  # a live stream expires if nothing is appended for this long
+    stream_max_events: int = 20_000  # per Job stream (approximate trim beyond)
+    sse_keepalive_s: int = 15  # comment line on an idle SSE connection
+    idempotency_ttl_s: int = 86_400  # an Idempotency-Key's first answer is replayed this long
+    key_cache_s: int = 30  # an API key record is re-read from the store at least this often
+    hold_sweep_s: int = 60  # period of the expired-hold sweeper
+    batch_sweep_s: int = 30  # period of the unfinished-batch sweeper
+    shutdown_grace_s: int = 30  # in-flight requests get this long on SIGTERM
+    chat_wait_s: int = 600  # longest an OpenAI-style non-streaming answer waits for its Job
+    redis_prefix: str = "coordinator:"
+
+
+@dataclass(frozen=True)
 class Settings:
     database_url: str | None
     redis_url: str | None
@@ -64,6 +85,7 @@ class Settings:
     log_level: str
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     catalog_path: Path | None = None  # None = the packaged scheduler/cargos.toml
+    api: ApiSettings = field(default_factory=ApiSettings)
 
     @property
     def store(self) -> StoreConfig:
@@ -123,9 +145,33 @@ class Settings:
                 max_queued_per_account=_int(env, "COORDINATOR_MAX_QUEUED_PER_ACCOUNT", 1_000, 1, 1_000_000),
             ),
             catalog_path=Path(env["COORDINATOR_CATALOG"]) if env.get("COORDINATOR_CATALOG") else None,
+            api=_api_settings(env),
         )
 
 
 def _micro_str(micro: int) -> str:
     whole, frac = divmod(micro, 1_000_000)
     return f"{whole}.{frac:06d}"
+
+
+def _api_settings(env: Mapping[str, str]) -> ApiSettings:
+    prefix = env.get("COORDINATOR_REDIS_PREFIX") or "coordinator:"
+    if len(prefix) > 64 or any(c.isspace() for c in prefix):
+        raise SettingsError("COORDINATOR_REDIS_PREFIX must be at most 64 characters without spaces")
+    return ApiSettings(
+        host=env.get("COORDINATOR_HOST") or "127.0.0.1",
+        port=_int(env, "COORDINATOR_PORT", 8000, 0, 65_535),
+        rate_limit_per_min=_int(env, "COORDINATOR_RATE_LIMIT_PER_MIN", 100, 1, 1_000_000),
+        max_body_bytes=_int(env, "COORDINATOR_MAX_BODY_BYTES", 4 * 1024 * 1024, 1_024, 256 * 1024 * 1024),
+        stream_retention_s=_int(env, "COORDINATOR_STREAM_RETENTION_S", 3_600, 1, 30 * 86_400),
+        stream_live_ttl_s=_int(env, "COORDINATOR_STREAM_LIVE_TTL_S", 86_400, 60, 30 * 86_400),
+        stream_max_events=_int(env, "COORDINATOR_STREAM_MAX_EVENTS", 20_000, 100, 10_000_000),
+        sse_keepalive_s=_int(env, "COORDINATOR_SSE_KEEPALIVE_S", 15, 1, 3_600),
+        idempotency_ttl_s=_int(env, "COORDINATOR_IDEMPOTENCY_TTL_S", 86_400, 60, 30 * 86_400),
+        key_cache_s=_int(env, "COORDINATOR_KEY_CACHE_S", 30, 0, 3_600),
+        hold_sweep_s=_int(env, "COORDINATOR_HOLD_SWEEP_S", 60, 1, 86_400),
+        batch_sweep_s=_int(env, "COORDINATOR_BATCH_SWEEP_S", 30, 1, 86_400),
+        shutdown_grace_s=_int(env, "COORDINATOR_SHUTDOWN_GRACE_S", 30, 0, 3_600),
+        chat_wait_s=_int(env, "COORDINATOR_CHAT_WAIT_S", 600, 1, 86_400),
+        redis_prefix=prefix,
+    )

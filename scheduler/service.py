@@ -5,6 +5,7 @@ the dispatch core. Sync methods block; `a*` methods await (for the HTTP layer)."
 from __future__ import annotations
 
 import hashlib
+import secrets
 import threading
 import uuid
 from collections.abc import Callable
@@ -272,7 +273,7 @@ class Scheduler:
                         ) -> IslandCredentials:
         caps = parse_capabilities(capabilities)
         island_id = island_id or self.ids.new_uuid()
-        token = token or "it_" + uuid.UUID(int=self.ids.new_uuid().int).hex + self.ids.new_uuid().hex
+        token = token or "it_" + secrets.token_urlsafe(32)
         self._run(lambda uow: cmd.register_island_in(uow, self.config, island_id, owner_account_id, name[:128],
                                                      hash_token(token), caps, approve=approve))
         return IslandCredentials(str(island_id), token)
