@@ -8,7 +8,8 @@ from api.settings import Settings
 from ledger.service import Ledger
 from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig
-from scheduler.dispatcher import LeaderLock, SchedulerListener
+from scheduler.dispatcher import FanoutListener, LeaderLock, SchedulerListener
+from scheduler.leader import PostgresLeaderLock
 from scheduler.service import Scheduler
 from store.clock import Clock, IdSource, RandomIds, SystemClock
 from store.factory import EventStoreApp, open_app
@@ -25,6 +26,7 @@ class Coordinator:
     ledger: Ledger
     catalog: Catalog
     scheduler: Scheduler
+    listeners: FanoutListener  # add SchedulerListeners here (SSE publisher, Island channel)
 
     def close(self) -> None:
         self.scheduler.stop()
@@ -42,7 +44,10 @@ def build(settings: Settings, *, clock: Clock | None = None, ids: IdSource | Non
                                inline=inline)
     ledger = Ledger(committer, settings.ledger)
     catalog = Catalog.load(settings.catalog_path)
+    listeners = FanoutListener(*([listener] if listener is not None else []))
+    if leader is None and settings.store.is_postgres:
+        leader = PostgresLeaderLock(settings.store)
     scheduler = Scheduler(committer, catalog, settings.ledger, scheduler_config or settings.scheduler, clock, ids,
-                          listener=listener, leader=leader, single_writer=not settings.store.is_postgres)
+                          listener=listeners, leader=leader, single_writer=not settings.store.is_postgres)
     return Coordinator(settings=settings, clock=clock, ids=ids, app=app, committer=committer, ledger=ledger,
-                       catalog=catalog, scheduler=scheduler)
+                       catalog=catalog, scheduler=scheduler, listeners=listeners)

@@ -88,6 +88,28 @@ class NullListener:
         pass
 
 
+class FanoutListener:
+    """Several listeners as one (e.g. the SSE publisher and the Island channel)."""
+
+    def __init__(self, *listeners: SchedulerListener) -> None:
+        self.listeners: list[SchedulerListener] = list(listeners)
+
+    def add(self, listener: SchedulerListener) -> None:
+        self.listeners.append(listener)
+
+    def offer(self, island_id: str, offer: JobOffer) -> None:
+        for listener in self.listeners:
+            listener.offer(island_id, offer)
+
+    def cancel(self, island_id: str, job_id: str) -> None:
+        for listener in self.listeners:
+            listener.cancel(island_id, job_id)
+
+    def job_changed(self, job_id: str, status: str, event: Any) -> None:
+        for listener in self.listeners:
+            listener.job_changed(job_id, status, event)
+
+
 @dataclass
 class LiveJob:
     job_id: UUID
