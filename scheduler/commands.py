@@ -19,6 +19,7 @@ from ledger.pricing import (
 from ledger.service import LedgerConfig, load_account, place_hold_in, post_hold_in, release_hold_in
 from routing import karma as karma_rules
 from scheduler.admission import Admitted
+from scheduler.cargo_switch import CargoSwitch, switch_id
 from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig
 from scheduler.validation import ChatInput, prompt_tokens_estimate
@@ -339,6 +340,22 @@ def set_island_online_in(uow: UnitOfWork, island_id: UUID, online: bool, reason:
         else:
             island.trigger_event(Island.WentOffline, reason=reason, timestamp=_ts(uow))
     return island
+
+
+def set_cargo_enabled_in(uow: UnitOfWork, catalog: Catalog, slug: str, enabled: bool, *, by: str,
+                         reason: str) -> bool:
+    """Flip a Cargo's kill switch. Returns False if it already was in that state."""
+    cargo = catalog.by_slug(slug)  # UnknownCargo for a slug not in the catalog
+    switch = uow.get_or_none(switch_id(slug))
+    if switch is None:
+        switch = CargoSwitch._create(CargoSwitch.Created, id=switch_id(slug), slug=slug, timestamp=_ts(uow))
+        uow.add(switch)
+    current = cargo.enabled if switch.enabled is None else switch.enabled
+    if current == enabled and switch.enabled is not None:
+        return False
+    switch.trigger_event(CargoSwitch.Switched, enabled=enabled, by=str(by)[:128], reason=str(reason)[:500],
+                         timestamp=_ts(uow))
+    return True
 
 
 def set_capabilities_in(uow: UnitOfWork, island_id: UUID, capabilities: dict[str, Any]) -> Island:

@@ -32,6 +32,7 @@ from ledger.service import LedgerConfig
 from routing.index import CandidateIndex
 from routing.types import Decision, JobNeeds
 from scheduler import commands as cmd
+from scheduler.cargo_switch import CargoSwitch, switch_id
 from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig
 from scheduler.fair_queue import FairQueue
@@ -53,8 +54,9 @@ JOB_TOPICS = tuple(get_topic(c) for c in (
 ISLAND_TOPICS = tuple(get_topic(c) for c in (
     Island.Registered, Island.Approved, Island.Suspended, Island.CapabilitiesChanged, Island.WentOnline,
     Island.WentOffline, Island.KarmaChanged, Island.TokenRotated))
-SCHEDULER_TOPICS = JOB_TOPICS + ISLAND_TOPICS
-_SCHEDULER_EVENTS = (Job.Event, Island.Event)
+CARGO_TOPICS = (get_topic(CargoSwitch.Switched),)
+SCHEDULER_TOPICS = JOB_TOPICS + ISLAND_TOPICS + CARGO_TOPICS
+_SCHEDULER_EVENTS = (Job.Event, Island.Event, CargoSwitch.Switched)
 EXPECTED_RACES = (IllegalTransition, cmd.NotYourJob, cmd.UnknownJob)
 
 
@@ -145,7 +147,8 @@ class DispatchCore:
                  config: SchedulerConfig, *, read_log: Callable[[int], tuple[int, list[tuple[int, Any]]]],
                  listener: SchedulerListener | None = None, leader: LeaderLock | None = None) -> None:
         self.committer = committer
-        self.catalog = catalog
+        self.catalog = catalog  # the file's Cargos with the kill switches applied
+        self._switch_slugs = {switch_id(c.slug): c.slug for c in catalog}
         self.ledger_config = ledger_config
         self.config = config
         self.read_log = read_log  # start -> (last position read, [(position, scheduler event)])
@@ -222,6 +225,12 @@ class DispatchCore:
             self._apply_job(ev, now_ms)
         elif isinstance(ev, Island.Event):
             self._apply_island(ev)
+        elif isinstance(ev, CargoSwitch.Switched):
+            slug = self._switch_slugs.get(ev.originator_id)
+            if slug is None:
+                slug = next((c.slug for c in self.catalog if switch_id(c.slug) == ev.originator_id), None)
+            if slug is not None:
+                self.catalog = self.catalog.with_enabled(slug, ev.enabled)
 
     def _needs(self, ev: Job.Submitted) -> JobNeeds:
         cargo = self.catalog.get(ev.cargo)

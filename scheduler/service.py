@@ -97,7 +97,7 @@ class Scheduler:
                  config: SchedulerConfig, clock: Clock, ids: IdSource, *, listener: SchedulerListener | None = None,
                  leader: LeaderLock | None = None, single_writer: bool = True) -> None:
         self.committer = committer
-        self.catalog = catalog
+        self._file_catalog = catalog
         self.ledger_config = ledger_config
         self.config = config
         self.clock = clock
@@ -121,6 +121,17 @@ class Scheduler:
         self.shared_store = not single_writer  # other processes may write: reads go to the database
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+
+    @property
+    def catalog(self) -> Catalog:
+        """The Cargo catalog as admission sees it: the file, with kill switches applied."""
+        return self.core.catalog
+
+    def set_cargo_enabled(self, slug: str, enabled: bool, *, by: str, reason: str) -> bool:
+        changed = self._run(lambda uow: cmd.set_cargo_enabled_in(uow, self.catalog, slug, enabled, by=by,
+                                                                 reason=reason))
+        self.core.catch_up(self.clock.now_ms(), force_db=True)
+        return changed
 
     # ------------------------------------------------------------ running
     def recover(self) -> int:
