@@ -10,7 +10,7 @@ check each event on its own. Commands check every rule *before* triggering an ev
 from __future__ import annotations
 
 from typing import Any
-from eventsourcing.domain import Aggregate
+from store.chain import ChainedAggregate
 
 HOLD_OPEN = "open"
 HOLD_POSTED = "posted"
@@ -30,10 +30,10 @@ class Hold:
         self.posted_micro = 0
 
 
-class Account(Aggregate):
+class Account(ChainedAggregate):
     """A consumer (or Island-owner) account. Only the spendable side is an aggregate."""
 
-    class Opened(Aggregate.Created):
+    class Opened(ChainedAggregate.Created):
         email: str
         kyc_verified: bool
 
@@ -50,7 +50,7 @@ class Account(Aggregate):
         self.idempotency: dict[str, tuple[str, Any]] = {}
 
     # ------------------------------------------------------------ events
-    class Funded(Aggregate.Event):
+    class Funded(ChainedAggregate.Event):
         """Credits arrive from a platform source (purchase, grant, refund, adjustment)."""
 
         transfers: list
@@ -66,7 +66,7 @@ class Account(Aggregate):
             assert acct.spendable_micro == self.spendable_after_micro
             acct.idempotency[self.idem_key] = (self.idem_fp, self.spendable_after_micro)
 
-    class Debited(Aggregate.Event):
+    class Debited(ChainedAggregate.Event):
         """A correcting transfer out of spendable (adjustment)."""
 
         transfers: list
@@ -81,7 +81,7 @@ class Account(Aggregate):
             assert acct.spendable_micro == self.spendable_after_micro >= 0
             acct.idempotency[self.idem_key] = (self.idem_fp, self.spendable_after_micro)
 
-    class HoldPlaced(Aggregate.Event):
+    class HoldPlaced(ChainedAggregate.Event):
         transfers: list
         hold_id: str
         reference: str
@@ -104,7 +104,7 @@ class Account(Aggregate):
             assert acct.held_micro == self.held_after_micro
             acct.idempotency[self.idem_key] = (self.idem_fp, self.hold_id)
 
-    class HoldPosted(Aggregate.Event):
+    class HoldPosted(ChainedAggregate.Event):
         """Settlement: post the real price (≤ hold), split earning and fee, release the rest."""
 
         transfers: list
@@ -130,7 +130,7 @@ class Account(Aggregate):
             assert acct.spendable_micro == self.spendable_after_micro
             assert acct.held_micro == self.held_after_micro >= 0
 
-    class HoldReleased(Aggregate.Event):
+    class HoldReleased(ChainedAggregate.Event):
         transfers: list
         hold_id: str
         reference: str
@@ -149,28 +149,28 @@ class Account(Aggregate):
             assert acct.spendable_micro == self.spendable_after_micro
             assert acct.held_micro == self.held_after_micro >= 0
 
-    class KycVerified(Aggregate.Event):
+    class KycVerified(ChainedAggregate.Event):
         by: str
         reference: str
 
         def apply(self, acct: Account) -> None:
             acct.kyc_verified = True
 
-    class KycRevoked(Aggregate.Event):
+    class KycRevoked(ChainedAggregate.Event):
         by: str
         reference: str
 
         def apply(self, acct: Account) -> None:
             acct.kyc_verified = False
 
-    class Suspended(Aggregate.Event):
+    class Suspended(ChainedAggregate.Event):
         by: str
         reason: str
 
         def apply(self, acct: Account) -> None:
             acct.suspended = True
 
-    class Reinstated(Aggregate.Event):
+    class Reinstated(ChainedAggregate.Event):
         by: str
         reason: str
 

@@ -13,10 +13,12 @@ from eventsourcing.utils import get_topic
 
 from ledger import names
 from ledger.accounts import Account
+from store.chain import ChainReport, verify_chains
 from store.clock import datetime_to_ms
 
-LEDGER_TOPICS = tuple(get_topic(cls) for cls in (
-    Account.Opened, Account.Funded, Account.Debited, Account.HoldPlaced, Account.HoldPosted, Account.HoldReleased))
+_LEDGER_CLASSES = (Account.Opened, Account.Funded, Account.Debited, Account.HoldPlaced, Account.HoldPosted,
+                   Account.HoldReleased)
+LEDGER_TOPICS = tuple(get_topic(cls) for cls in _LEDGER_CLASSES)
 
 
 @dataclass
@@ -153,6 +155,29 @@ def fold(log: Iterable[tuple[int, Any]], *, check: bool = True, upto_position: i
             break
         result.apply(position, event)
     return result
+
+
+def verify_log(log: Iterable[tuple[int, Any]], *, now_ms: int | None, grace_ms: int,
+               upto_position: int | None = None) -> tuple[LedgerFold, ChainReport, int]:
+    """`ledger verify` in one pass over the whole log (every topic, from position 1): the
+    checked ledger fold over the ledger events, and the hash chain of every chained stream
+    (accounts, Jobs, Islands; store/chain.py). Returns (fold, chains, last position read).
+    `now_ms` None skips the end-of-log expiry check (verifying as of a past position)."""
+    f = LedgerFold(check=True)
+    last = [0]
+
+    def feed():
+        for position, event in log:
+            if upto_position is not None and position > upto_position:
+                return
+            last[0] = position
+            if type(event) in _LEDGER_CLASSES:
+                f.apply(position, event)
+            yield position, event
+
+    chains = verify_chains(feed())
+    f.finish(now_ms, grace_ms)
+    return f, chains, last[0]
 
 
 def _event_ms(event: Any) -> int:

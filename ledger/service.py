@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 from ledger import names
 from ledger.accounts import HOLD_OPEN, HOLD_POSTED, HOLD_RELEASED, Account
@@ -34,6 +34,13 @@ MAX_AMOUNT_MICRO = 10**15  # a billion credits: far above any real transfer, far
 FUND_CODES = {names.PURCHASE: names.PLATFORM_PURCHASES, names.GRANT: names.PLATFORM_GRANTS,
               names.REFUND: names.PLATFORM_ADJUSTMENTS, names.ADJUSTMENT: names.PLATFORM_ADJUSTMENTS}
 MAX_TEXT = 500
+ACCOUNT_NAMESPACE = UUID("6f1d7a52-3c1e-4c55-9a55-0a7c1e0c0001")
+
+
+def account_id_for_email(email: str) -> UUID:
+    """Accounts are keyed by their normalised email: creating one twice is refused by the
+    event store (version 1 of that id exists). See decision 0006."""
+    return uuid5(ACCOUNT_NAMESPACE, email.strip().lower())
 
 
 @dataclass(frozen=True)

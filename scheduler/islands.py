@@ -5,15 +5,15 @@ heartbeat and lives in the registry (scheduler/registry.py)."""
 
 from __future__ import annotations
 
-from eventsourcing.domain import Aggregate
+from store.chain import ChainedAggregate
 
 PENDING_APPROVAL = "pending"
 APPROVED = "approved"
 SUSPENDED = "suspended"
 
 
-class Island(Aggregate):
-    class Registered(Aggregate.Created):
+class Island(ChainedAggregate):
+    class Registered(ChainedAggregate.Created):
         owner_account_id: str
         name: str
         token_hash: str
@@ -32,43 +32,43 @@ class Island(Aggregate):
         self.jobs_completed = 0
         self.jobs_failed = 0
 
-    class Approved(Aggregate.Event):
+    class Approved(ChainedAggregate.Event):
         by: str
         reason: str
 
         def apply(self, island: Island) -> None:
             island.approval = APPROVED
 
-    class Suspended(Aggregate.Event):
+    class Suspended(ChainedAggregate.Event):
         by: str
         reason: str
 
         def apply(self, island: Island) -> None:
             island.approval = SUSPENDED
 
-    class CapabilitiesChanged(Aggregate.Event):
+    class CapabilitiesChanged(ChainedAggregate.Event):
         capabilities: dict
 
         def apply(self, island: Island) -> None:
             island.capabilities = self.capabilities
 
-    class WentOnline(Aggregate.Event):
+    class WentOnline(ChainedAggregate.Event):
         def apply(self, island: Island) -> None:
             island.online = True
 
-    class WentOffline(Aggregate.Event):
+    class WentOffline(ChainedAggregate.Event):
         reason: str
 
         def apply(self, island: Island) -> None:
             island.online = False
 
-    class TokenRotated(Aggregate.Event):
+    class TokenRotated(ChainedAggregate.Event):
         token_hash: str
 
         def apply(self, island: Island) -> None:
             island.token_hash = self.token_hash
 
-    class KarmaChanged(Aggregate.Event):
+    class KarmaChanged(ChainedAggregate.Event):
         """Karma moved by `delta_milli` for `reason` (completed, failure, missed_ack,
         lapsed_lease); `karma_after_milli` is the balance after; `carry` is the exact
         fraction of a milli-karma carried to the next compute accrual."""

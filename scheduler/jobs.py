@@ -10,7 +10,7 @@ event with its cause. Its methods are its events.
 
 from __future__ import annotations
 
-from eventsourcing.domain import Aggregate
+from store.chain import ChainedAggregate
 
 PENDING = "pending"
 QUEUED = "queued"
@@ -33,8 +33,8 @@ class IllegalTransition(Exception):
         self.action = action
 
 
-class Job(Aggregate):
-    class Submitted(Aggregate.Created):
+class Job(ChainedAggregate):
+    class Submitted(ChainedAggregate.Created):
         account_id: str
         cargo: str
         cargo_id: int
@@ -82,13 +82,13 @@ class Job(Aggregate):
         self.score: dict | None = None
 
     # ------------------------------------------------------------ events
-    class Queued(Aggregate.Event):
+    class Queued(ChainedAggregate.Event):
         """A pending Job (batch child) enters the dispatch queue."""
 
         def apply(self, job: Job) -> None:
             job.status = QUEUED
 
-    class Assigned(Aggregate.Event):
+    class Assigned(ChainedAggregate.Event):
         """Offered to an Island; `score` explains why this one (routing breakdown)."""
 
         island_id: str
@@ -104,7 +104,7 @@ class Job(Aggregate):
             job.offers += 1
             job.score = self.score
 
-    class OfferDeclined(Aggregate.Event):
+    class OfferDeclined(ChainedAggregate.Event):
         """The Island rejected the offer or let it expire: back to the queue, Island excluded."""
 
         island_id: str
@@ -116,7 +116,7 @@ class Job(Aggregate):
             job.island_id = ""
             job.owner_account_id = ""
 
-    class Started(Aggregate.Event):
+    class Started(ChainedAggregate.Event):
         island_id: str
         lease_deadline_ms: int
 
@@ -124,7 +124,7 @@ class Job(Aggregate):
             job.status = RUNNING
             job.started_at = self.timestamp
 
-    class Requeued(Aggregate.Event):
+    class Requeued(ChainedAggregate.Event):
         """The running Job's lease lapsed (or its Island went away) before any output."""
 
         island_id: str
@@ -138,7 +138,7 @@ class Job(Aggregate):
             job.owner_account_id = ""
             job.started_at = None
 
-    class Completed(Aggregate.Event):
+    class Completed(ChainedAggregate.Event):
         usage: dict
         output: str
         charged_micro: int
@@ -156,7 +156,7 @@ class Job(Aggregate):
             job.tokens_per_s_milli = self.tokens_per_s_milli
             job.completed_at = self.timestamp
 
-    class Failed(Aggregate.Event):
+    class Failed(ChainedAggregate.Event):
         reason: str
         island_fault: bool
         charged_micro: int
@@ -167,7 +167,7 @@ class Job(Aggregate):
             job.charged_micro = self.charged_micro
             job.completed_at = self.timestamp
 
-    class Cancelled(Aggregate.Event):
+    class Cancelled(ChainedAggregate.Event):
         by: str
         stage: str  # the status it was cancelled in
         charged_micro: int
@@ -180,7 +180,7 @@ class Job(Aggregate):
             job.usage = self.usage or None
             job.completed_at = self.timestamp
 
-    class TimedOut(Aggregate.Event):
+    class TimedOut(ChainedAggregate.Event):
         waited_ms: int
 
         def apply(self, job: Job) -> None:
