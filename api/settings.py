@@ -70,6 +70,11 @@ class ApiSettings:
     shutdown_grace_s: int = 30  # in-flight requests get this long on SIGTERM
     chat_wait_s: int = 600  # longest an OpenAI-style non-streaming answer waits for its Job
     redis_prefix: str = "coordinator:"
+    # Who keeps the read models (projections/) current for this server: "process" = a child
+    # process of `coordinator serve` (the default: the work is off the request path and its
+    # GIL), "thread" = a thread of this process, "external" = another process (read only),
+    # "off" = no read models (GET /jobs answers 503).
+    projections: str = "process"
 
 
 @dataclass(frozen=True)
@@ -174,4 +179,12 @@ def _api_settings(env: Mapping[str, str]) -> ApiSettings:
         shutdown_grace_s=_int(env, "COORDINATOR_SHUTDOWN_GRACE_S", 30, 0, 3_600),
         chat_wait_s=_int(env, "COORDINATOR_CHAT_WAIT_S", 600, 1, 86_400),
         redis_prefix=prefix,
+        projections=_choice(env, "COORDINATOR_PROJECTIONS", "process", ("process", "thread", "external", "off")),
     )
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).strip().lower()
+    if value not in allowed:
+        raise SettingsError(f"{name}={value!r} must be one of {', '.join(allowed)}")
+    return value

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from uuid import UUID
 
 from api.settings import Settings
 from ledger.service import Ledger
@@ -27,6 +29,8 @@ class Coordinator:
     catalog: Catalog
     scheduler: Scheduler
     listeners: FanoutListener  # add SchedulerListeners here (SSE publisher, Island channel)
+    # `coordinator accounts create` merges what this returns into its output (an API key).
+    after_account_created: Callable[[UUID], dict] | None = None
 
     def close(self) -> None:
         self.scheduler.stop()
@@ -41,7 +45,7 @@ def build(settings: Settings, *, clock: Clock | None = None, ids: IdSource | Non
     ids = ids or RandomIds()
     app = open_app(settings.store)
     committer = GroupCommitter(app, clock, max_batch=settings.commit_max_batch, window_ms=settings.commit_window_ms,
-                               inline=inline)
+                               inline=inline, refresh_on_refusal=settings.store.is_postgres)
     ledger = Ledger(committer, settings.ledger)
     catalog = Catalog.load(settings.catalog_path)
     listeners = FanoutListener(*([listener] if listener is not None else []))
@@ -50,4 +54,17 @@ def build(settings: Settings, *, clock: Clock | None = None, ids: IdSource | Non
     scheduler = Scheduler(committer, catalog, settings.ledger, scheduler_config or settings.scheduler, clock, ids,
                           listener=listeners, leader=leader, single_writer=not settings.store.is_postgres)
     return Coordinator(settings=settings, clock=clock, ids=ids, app=app, committer=committer, ledger=ledger,
-                       catalog=catalog, scheduler=scheduler, listeners=listeners)
+                       catalog=catalog, scheduler=scheduler, listeners=listeners,
+                       after_account_created=_first_api_key(committer, settings))
+
+
+def _first_api_key(committer: GroupCommitter, settings: Settings) -> Callable[[UUID], dict]:
+    """A new account gets an API key, shown once in `accounts create`'s output (api/keys.py)."""
+
+    def issue(account_id: UUID) -> dict:
+        from api.keys import KeyStore
+
+        secret, info = KeyStore(committer, fresh_reads=settings.store.is_postgres).issue(account_id, "default")
+        return {"api_key": secret, "api_key_id": info.key_id}
+
+    return issue

@@ -447,7 +447,9 @@ class DispatchCore:
         """The Island streamed output for a Job it runs (tokens delivered so far)."""
         with self.lock:
             live = self.jobs.get(job_id)
-            if live is None or live.island_id != island_id or live.status != RUNNING:
+            # ASSIGNED too: the Island's accept may be committed by another process whose
+            # Started event this process has not applied yet.
+            if live is None or live.island_id != island_id or live.status not in (ASSIGNED, RUNNING):
                 return False
             live.streamed = True
             live.delivered_tokens += max(0, tokens)

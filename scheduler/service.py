@@ -5,6 +5,7 @@ the dispatch core. Sync methods block; `a*` methods await (for the HTTP layer)."
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import threading
 import uuid
@@ -90,6 +91,15 @@ class IslandCredentials:
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+ISLAND_TOKEN_PREFIX = "it_"
+
+
+def make_island_token(island_id: UUID) -> str:
+    """A self-identifying Island token: `it_<island id hex>_<256-bit secret>`; the id part
+    finds the Island without an index, only the SHA-256 of the whole token is stored."""
+    return f"{ISLAND_TOKEN_PREFIX}{island_id.hex}_{secrets.token_urlsafe(32)}"
 
 
 class Scheduler:
@@ -284,7 +294,7 @@ class Scheduler:
                         ) -> IslandCredentials:
         caps = parse_capabilities(capabilities)
         island_id = island_id or self.ids.new_uuid()
-        token = token or "it_" + secrets.token_urlsafe(32)
+        token = token or make_island_token(island_id)
         self._run(lambda uow: cmd.register_island_in(uow, self.config, island_id, owner_account_id, name[:128],
                                                      hash_token(token), caps, approve=approve))
         return IslandCredentials(str(island_id), token)
@@ -294,8 +304,8 @@ class Scheduler:
 
     def island_by_token(self, island_id: UUID, token: str) -> Island | None:
         def read(uow: UnitOfWork) -> Island | None:
-            island = uow.get_or_none(island_id)
-            if not isinstance(island, Island) or island.token_hash != hash_token(token):
+            island = uow.get_or_none(island_id, fresh=self.shared_store)
+            if not isinstance(island, Island) or not hmac.compare_digest(island.token_hash, hash_token(token)):
                 return None
             return island
 

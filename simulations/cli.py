@@ -1,6 +1,6 @@
 """``coordinator simulate`` (also ``python -m simulations``).
 
-    coordinator simulate SCENARIO.toml [--seed N] [--out DIR] [--jobs N] [--duration T]
+    coordinator simulate SCENARIO.toml [--seed N] [--out DIR] [--jobs N] [--duration T] [--scale F]
     coordinator simulate --trace FILE.csv --islands N [--format azure-llm] [--seed N] [--out DIR]
 
 Exit status: 0 all expectations met; 1 an expectation failed (each is printed); 2 bad
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write metrics.json, report.md and plots to this directory")
     p.add_argument("--jobs", type=int, help="stop arrivals after N Jobs (without --duration: no time limit)")
     p.add_argument("--duration", help="arrivals for this long: 3600, 90s, 15m, 2h")
+    p.add_argument("--scale", type=float, help="shrink (or grow) the scenario: Islands, accounts and demand "
+                                               "rates times this factor (0.1 = a tenth)")
     p.add_argument("--trace", help="replay a trace file instead of a scenario")
     p.add_argument("--islands", type=int, help="with --trace: fleet size")
     p.add_argument("--format", default="azure-llm", help=f"with --trace: {', '.join(sorted(FORMATS))}")
@@ -91,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         duration_s = parse_duration_ms(args.duration) / 1000 if args.duration else None
         if args.jobs is not None and args.jobs < 0:
             raise ValueError("--jobs must be >= 0")
+        if args.scale is not None and not args.scale > 0:
+            raise ValueError("--scale must be > 0")
         res = with_overrides(res, seed=args.seed, max_jobs=args.jobs, duration_s=duration_s,
-                             unlimited_duration=args.jobs is not None and duration_s is None and not args.trace)
+                             unlimited_duration=args.jobs is not None and duration_s is None and not args.trace,
+                             scale=args.scale)
         from simulations.runner import run
 
         progress = not args.quiet and sys.stderr.isatty()

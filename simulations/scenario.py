@@ -298,10 +298,38 @@ def _resolve(sc: Scenario, source: str, base_dir: str | Path | None) -> Resolved
         expectations=expectations, free_tier_micro=free_tier_micro)
 
 
+def _scaled_count(n: int, scale: float) -> int:
+    return 0 if n <= 0 else max(1, int(n * scale + 0.5))
+
+
+def scale_scenario(sc: Scenario, scale: float) -> Scenario:
+    """A smaller (or larger) copy of a scenario: every fleet group's and consumer class's
+    count (rounded, at least 1 when it was > 0) and every demand rate times ``scale``
+    (a trace keeps ``sample x scale`` of its rows). Times, sizes, tiers and expectations
+    stay: load, availability curves and fault rates per Island are unchanged, only the
+    number of Islands, accounts and Jobs shrinks. Used by tests and quick runs."""
+    if not scale > 0:
+        raise ValueError("scale must be > 0")
+    fleet = [msgspec.structs.replace(g, count=_scaled_count(g.count, scale)) for g in sc.fleet]
+    consumers = [msgspec.structs.replace(c, count=_scaled_count(c.count, scale)) for c in sc.consumers]
+    demand = []
+    for d in sc.demand:
+        if isinstance(d, TraceDemand):
+            demand.append(msgspec.structs.replace(d, sample=min(1.0, d.sample * scale)))
+            continue
+        changes = {attr: getattr(d, attr) * scale for attr in ("rate_per_s", "burst_rate_per_s") if hasattr(d, attr)}
+        demand.append(msgspec.structs.replace(d, **changes))
+    return msgspec.structs.replace(sc, fleet=fleet, consumers=consumers, demand=demand)
+
+
 def with_overrides(res: Resolved, *, seed: int | None = None, max_jobs: int | None = None,
-                   duration_s: float | None = None, unlimited_duration: bool = False) -> Resolved:
-    """The same scenario with CLI overrides applied (re-validated)."""
+                   duration_s: float | None = None, unlimited_duration: bool = False,
+                   scale: float | None = None) -> Resolved:
+    """The same scenario with CLI overrides applied (re-validated). ``scale``: see
+    ``scale_scenario``."""
     sc = res.scenario
+    if scale is not None and scale != 1.0:
+        sc = scale_scenario(sc, scale)
     changes: dict[str, Any] = {}
     if seed is not None:
         changes["seed"] = seed
@@ -311,7 +339,7 @@ def with_overrides(res: Resolved, *, seed: int | None = None, max_jobs: int | No
         changes["duration_s"] = duration_s
     elif unlimited_duration:
         changes["duration_s"] = None
-    if not changes:
+    if not changes and sc is res.scenario:
         return res
     sc2 = msgspec.structs.replace(sc, **changes)
     return _resolve(sc2, res.source, res.base_dir or None)

@@ -196,14 +196,18 @@ class World:
         self.fate_rng = engine.rng_for("fates")
         self.retry_rng = engine.rng_for("fates-retry")
         self.churn_rng = engine.rng_for("churn")
+        self._read_sut_settings()  # again after sut.start(): a SUT may set them from the scenario
+        self.ctx = SimContext(engine=engine, clock=self.clock, islands=islands, accounts=accounts, cargos=cargos,
+                              config=config, hooks=self, seed=engine.seed, faults_possible=faults,
+                              free_tier_micro=free_tier_micro, timer=self._sut_timer_at)
+
+    def _read_sut_settings(self) -> None:
+        sut = self.sut
         hb = getattr(sut, "heartbeat_interval_ms", None)
         self.heartbeat_ms = int(hb) if hb else 0
         self.wants_progress = bool(getattr(sut, "wants_progress", False))
         renew = getattr(sut, "lease_renew_ms", None)
         self.renew_ms = int(renew) if renew else 0
-        self.ctx = SimContext(engine=engine, clock=self.clock, islands=islands, accounts=accounts, cargos=cargos,
-                              config=config, hooks=self, seed=engine.seed, faults_possible=faults,
-                              free_tier_micro=free_tier_micro, timer=self._sut_timer_at)
 
     # ------------------------------------------------------------------ log
     def _log(self, job: int, island: int, kind: int) -> None:
@@ -231,6 +235,7 @@ class World:
     def run(self, progress: Any = None, chunk_ms: int | None = None) -> None:
         eng = self.engine
         self.sut.start(self.ctx)
+        self._read_sut_settings()
         for st in self.ist:
             self._schedule_availability(st, first=True)
         for t in self.restarts_ms:
@@ -522,7 +527,13 @@ class World:
                 r = self.retry_rng.random
                 u_crash, frac, u_hang = r(), r(), r()
             if u_crash < spec.crash_per_job:
-                self.engine.schedule_at(now + int(run * frac), self._crash, job, token)
+                crash_at = int(run * frac)
+                # the attempt makes progress (first output, lease renewals) until it crashes
+                if self.wants_progress and first < crash_at:
+                    self.engine.schedule_at(now + first, self._first_output, job, token)
+                if self.renew_ms and self.renew_ms < crash_at:
+                    self.engine.schedule_at(now + self.renew_ms, self._renew, job, token)
+                self.engine.schedule_at(now + crash_at, self._crash, job, token)
                 return
             if u_hang < spec.hang_per_job:
                 self.fault_counts["hangs"] += 1
@@ -573,6 +584,7 @@ class World:
             self.pending.append((self._crash, job, token))
             return
         self._release(job)
+        job.token += 1  # its pending progress and renewals stop
         self.fault_counts["crashes"] += 1
         self._log(job.no, job.island, K_CRASH)
         self.sut.fail(job.no, job.island, self.engine.now, "crash")

@@ -72,6 +72,7 @@ class BatchStats:
     events: int = 0
     conflicts: int = 0
     poisoned: int = 0
+    refreshed: int = 0  # refusals that succeeded on fresh state (another process had written)
     last_batch_size: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # ring of recent sizes
 
@@ -146,6 +147,7 @@ class GroupCommitter:
         max_conflict_retries: int = 30,
         name: str = "committer",
         inline: bool = False,
+        refresh_on_refusal: bool = False,
     ) -> None:
         assert 1 <= max_batch <= 10_000
         assert max_queue >= max_batch
@@ -162,6 +164,8 @@ class GroupCommitter:
         self.stats = BatchStats()
         self._jitter = random.Random()  # conflict back-off only; never feeds domain decisions
         self.inline = inline
+        # Several processes share the store: re-check a refusal on fresh aggregates once.
+        self.refresh_on_refusal = refresh_on_refusal
         self._inline_lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._thread_name = name
@@ -363,6 +367,20 @@ class GroupCommitter:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 if uow._command_dirtied():
                     raise _Poisoned(item, exc, list(uow._staged)) from None
+                if self.refresh_on_refusal and self._refresh(uow):
+                    # Another process may have moved what this command read (the cache is
+                    # per process): a refusal is only final on current state. Try once more.
+                    uow._begin_command()
+                    try:
+                        result = command(uow)
+                    except BaseException as exc2:  # noqa: BLE001
+                        if uow._command_dirtied():
+                            raise _Poisoned(item, exc2, list(uow._staged)) from None
+                        outcomes.append((fut, False, exc2))
+                        continue
+                    self.stats.refreshed += 1
+                    outcomes.append((fut, True, result))
+                    continue
                 outcomes.append((fut, False, exc))
                 continue
             if read_only:
@@ -379,6 +397,20 @@ class GroupCommitter:
                 fut.set_exception(exc)
             return _Prepared([], [], [], [], {}, attempt)
         return _Prepared(items, outcomes, events, stored, uow._staged, attempt)
+
+    def _refresh(self, uow: UnitOfWork) -> bool:
+        """Bring the aggregates the failed command read up to date with the store (those
+        without uncommitted events of this batch). True if any of them had moved."""
+        moved = False
+        for agg_id in list(uow._touched_versions):
+            agg = uow._staged.get(agg_id)
+            if agg is None or agg._pending_events:  # type: ignore[attr-defined]
+                continue
+            newer = list(self.app.events.get(agg_id, gt=agg.version))
+            for event in newer:
+                event.mutate(agg)  # type: ignore[attr-defined]
+            moved = moved or bool(newer)
+        return moved
 
     def _complete(self, prepared: _Prepared, *, recache: bool) -> _Prepared | None:
         """Wait for a batch's insert and hand out its outcomes. Returns the batch if it

@@ -1,0 +1,773 @@
+"""The stream broker: each Job's stream of events (status, token, progress, image, error,
+done), appended by whoever produces them and read by whichever process serves the
+consumer's SSE connection.
+
+Two implementations behind one interface:
+- `RedisStreamBroker`: one Redis Stream per Job (`{prefix}stream:{job_id}`, field `d` =
+  the event's JSON). An append is one Lua call (XADD trimmed, expiry, and a PUBLISH on the
+  Job's channel carrying the entry, its id and the previous id), pipelined by one asyncio
+  task per process. Readers take the backlog with XRANGE and live entries from one
+  pub/sub connection per process (SUBSCRIBE per Job being served: O(1) per event however
+  many streams a process serves); a gap (missed notification, reconnect) is detected from
+  the previous-id and filled from the stream, so the Stream stays the source of truth.
+- `MemoryBroker`: the embedded default (one process): lists under a lock.
+
+Event ids are the Redis entry ids (`<ms>-<seq>`, also produced by the memory broker),
+strictly increasing per Job: they are the SSE `id:` and the `Last-Event-ID` to resume
+after. Retention: a stream is trimmed (approximately) to `max_events` entries, expires
+`live_ttl_s` after its last append and `retention_s` after its terminal event; the final
+output stays on the Job aggregate (api/consumer.py replays from it once a stream is gone).
+
+Publishing (`publish*`) is non-blocking and thread-safe: the scheduler's writer thread,
+the dispatch thread and the event loop all publish. Ordering: events published by one
+thread (or one coroutine) reach the stream in the order published, and events published
+from the writer thread before a command's future resolves are ahead of anything its
+caller publishes after awaiting it (both hops go through the same loop's FIFO).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from typing import Any, Protocol
+
+import structlog
+
+from api.schemas import encode
+from ledger.pricing import micro_to_credits
+
+log = structlog.get_logger("api.broker")
+
+EventId = str
+Entry = tuple[EventId, bytes]
+TERMINAL_PREFIXES = (b'{"type":"done"', b'{"type":"error"')
+MAX_PENDING_PUBLISHES = 1_000_000
+PIPELINE_BATCH = 1_000
+READ_PAGE = 1_000
+
+
+def parse_id(event_id: str | None) -> tuple[int, int] | None:
+    """`<ms>-<seq>` -> (ms, seq); None if absent or malformed (= from the start)."""
+    if not event_id:
+        return None
+    ms, sep, seq = event_id.strip().partition("-")
+    try:
+        return (int(ms), int(seq) if sep else 0)
+    except ValueError:
+        return None
+
+
+def format_id(parsed: tuple[int, int]) -> str:
+    return f"{parsed[0]}-{parsed[1]}"
+
+
+def is_terminal(data: bytes) -> bool:
+    return data.startswith(TERMINAL_PREFIXES)
+
+
+# ------------------------------------------------------------------ event payloads
+def status_event(status: str) -> bytes:
+    return encode({"type": "status", "content": status})
+
+
+def token_event(text: str) -> bytes:
+    return encode({"type": "token", "content": text})
+
+
+def progress_event(step: int, total: int) -> bytes:
+    return encode({"type": "progress", "step": step, "total": total})
+
+
+def image_event(image_b64: str, fmt: str = "png", **extra: Any) -> bytes:
+    return encode({"type": "image", "image_data": image_b64, "format": fmt, **extra})
+
+
+def error_event(message: str) -> bytes:
+    return encode({"type": "error", "error": message})
+
+
+def done_event(usage: dict[str, Any]) -> bytes:
+    return encode({"type": "done", "usage": usage})
+
+
+def usage_out(kind: str, usage: dict[str, Any] | None, charged_micro: int) -> dict[str, Any]:
+    """The API's usage object from a Job's internal usage (credits exact, as a number)."""
+    usage = usage or {}
+    prompt = int(usage.get("prompt_tokens", 0))
+    completion = int(usage.get("completion_tokens", 0))
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                           "total_tokens": int(usage.get("total_tokens", prompt + completion)),
+                           "credits_used": micro_to_credits(int(charged_micro))}
+    if kind == "image" and "steps" in usage:
+        out["steps"] = int(usage["steps"])
+    return out
+
+
+# ------------------------------------------------------------------ interfaces
+class Subscription(Protocol):
+    async def next(self, timeout_s: float) -> list[Entry] | None:
+        """The next entries after the last one returned (None on timeout)."""
+
+    def interrupt(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Publisher:
+    """The publishing half (thread-safe, non-blocking). Subclasses implement `publish`.
+    The Island channel calls `publish_token` / `publish_progress` / `publish_image`."""
+
+    def publish(self, job_id: str, data: bytes) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def publish_status(self, job_id: str, status: str) -> None:
+        self.publish(job_id, status_event(status))
+
+    def publish_token(self, job_id: str, text: str) -> None:
+        self.publish(job_id, token_event(text))
+
+    def publish_progress(self, job_id: str, step: int, total: int) -> None:
+        self.publish(job_id, progress_event(step, total))
+
+    def publish_image(self, job_id: str, image_b64: str, fmt: str = "png", **extra: Any) -> None:
+        self.publish(job_id, image_event(image_b64, fmt, **extra))
+
+    def publish_error(self, job_id: str, message: str) -> None:
+        self.publish(job_id, error_event(message))
+
+    def publish_done(self, job_id: str, usage: dict[str, Any]) -> None:
+        self.publish(job_id, done_event(usage))
+
+
+class StreamBroker(Publisher):
+    """Publishing plus reading. `start(loop)` binds it to the server's event loop."""
+
+    kind: str = "abstract"
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...  # type: ignore[empty-body]
+    async def read(self, job_id: str, after_id: str | None, limit: int = READ_PAGE) -> list[Entry]: ...  # type: ignore[empty-body]
+    async def exists(self, job_id: str) -> bool: ...  # type: ignore[empty-body]
+    def subscribe(self, job_id: str, after_id: str | None) -> Subscription: ...  # type: ignore[empty-body]
+    async def flush(self, timeout_s: float = 5.0) -> bool: ...  # type: ignore[empty-body]
+
+
+# ------------------------------------------------------------------ memory
+class _MemStream:
+    __slots__ = ("ids", "entries", "expires_at", "waiters", "terminal")
+
+    def __init__(self) -> None:
+        self.ids: list[tuple[int, int]] = []
+        self.entries: list[Entry] = []
+        self.expires_at = 0.0
+        self.waiters: set[_MemSubscription] = set()
+        self.terminal = False
+
+
+async def _wait_set(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until `event` is set (it is not cleared here), at most `timeout_s`."""
+    if event.is_set():
+        return True
+    loop = asyncio.get_running_loop()
+    timed_out = False
+
+    def expire() -> None:
+        nonlocal timed_out
+        timed_out = True
+        event.set()
+
+    handle = loop.call_later(timeout_s, expire)
+    try:
+        await event.wait()
+    finally:
+        handle.cancel()
+    return not timed_out
+
+
+class _MemSubscription:
+    def __init__(self, broker: MemoryBroker, job_id: str, after: tuple[int, int] | None) -> None:
+        self.broker = broker
+        self.job_id = job_id
+        self.last = after or (0, 0)
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()
+        self.event = asyncio.Event()
+        self.closed = False
+        broker._add_waiter(job_id, self)
+
+    def interrupt(self) -> None:
+        """Make a pending `next` return (server shutdown)."""
+        self.wake()
+
+    def wake(self) -> None:
+        if threading.get_ident() == self.thread:
+            self.event.set()
+        else:
+            try:
+                self.loop.call_soon_threadsafe(self.event.set)
+            except RuntimeError:  # loop closed
+                pass
+
+    async def next(self, timeout_s: float) -> list[Entry] | None:
+        self.event.clear()
+        entries = self.broker._after(self.job_id, self.last)
+        if not entries:
+            if not await _wait_set(self.event, timeout_s):
+                return None
+            entries = self.broker._after(self.job_id, self.last)
+            if not entries:
+                return []
+        self.last = parse_id(entries[-1][0]) or self.last
+        return entries
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.broker._remove_waiter(self.job_id, self)
+
+
+class MemoryBroker(StreamBroker):
+    kind = "memory"
+
+    def __init__(self, *, retention_s: float, live_ttl_s: float, max_events: int, max_streams: int = 100_000,
+                 now: Callable[[], float] = time.time) -> None:
+        self.retention_s = retention_s
+        self.live_ttl_s = live_ttl_s
+        self.max_events = max_events
+        self.max_streams = max_streams
+        self.now = now
+        self._streams: dict[str, _MemStream] = {}
+        self._lock = threading.Lock()
+        self._last_id = (0, 0)
+        self._appends = 0
+        self._next_sweep = 0.0
+
+    def _new_id(self, now_s: float) -> tuple[int, int]:
+        ms = int(now_s * 1000)
+        last_ms, last_seq = self._last_id
+        self._last_id = (last_ms, last_seq + 1) if ms <= last_ms else (ms, 0)
+        return self._last_id
+
+    def publish(self, job_id: str, data: bytes) -> None:
+        now = self.now()
+        with self._lock:
+            stream = self._streams.get(job_id)
+            if stream is None:
+                stream = self._streams[job_id] = _MemStream()
+            eid = self._new_id(now)
+            stream.ids.append(eid)
+            stream.entries.append((format_id(eid), data))
+            if len(stream.entries) > self.max_events:
+                cut = len(stream.entries) - self.max_events
+                del stream.ids[:cut]
+                del stream.entries[:cut]
+            terminal = is_terminal(data)
+            stream.terminal = stream.terminal or terminal
+            stream.expires_at = now + (self.retention_s if stream.terminal else self.live_ttl_s)
+            waiters = list(stream.waiters)
+            self._appends += 1
+            if now >= self._next_sweep or len(self._streams) > self.max_streams:
+                self._sweep(now)
+        for w in waiters:
+            w.wake()
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + 10.0
+        for job_id in [j for j, s in self._streams.items() if s.expires_at <= now and not s.waiters]:
+            del self._streams[job_id]
+        if len(self._streams) > self.max_streams:
+            victims = sorted((s.expires_at, j) for j, s in self._streams.items() if not s.waiters)
+            for _, job_id in victims[: len(self._streams) - self.max_streams]:
+                del self._streams[job_id]
+
+    def _after(self, job_id: str, after: tuple[int, int]) -> list[Entry]:
+        with self._lock:
+            stream = self._streams.get(job_id)
+            if stream is None or (stream.expires_at <= self.now() and not stream.waiters):
+                return []
+            i = bisect.bisect_right(stream.ids, after)
+            return stream.entries[i:i + READ_PAGE]
+
+    def _add_waiter(self, job_id: str, sub: _MemSubscription) -> None:
+        with self._lock:
+            stream = self._streams.get(job_id)
+            if stream is None:
+                stream = self._streams[job_id] = _MemStream()
+                stream.expires_at = self.now() + self.live_ttl_s
+            stream.waiters.add(sub)
+
+    def _remove_waiter(self, job_id: str, sub: _MemSubscription) -> None:
+        with self._lock:
+            stream = self._streams.get(job_id)
+            if stream is not None:
+                stream.waiters.discard(sub)
+                if not stream.entries and not stream.waiters:
+                    del self._streams[job_id]
+
+    async def ping(self) -> bool:
+        return True
+
+    async def read(self, job_id: str, after_id: str | None, limit: int = READ_PAGE) -> list[Entry]:
+        return self._after(job_id, parse_id(after_id) or (0, 0))[:limit]
+
+    async def exists(self, job_id: str) -> bool:
+        with self._lock:
+            stream = self._streams.get(job_id)
+            return stream is not None and bool(stream.entries) and stream.expires_at > self.now()
+
+    def subscribe(self, job_id: str, after_id: str | None) -> Subscription:
+        return _MemSubscription(self, job_id, parse_id(after_id))
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        return True
+
+    def stream_count(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+
+# ------------------------------------------------------------------ redis
+REDIS_MAX_CONNECTIONS = 64  # per pool; a command waits (up to REDIS_POOL_WAIT_S) for a free connection
+REDIS_POOL_WAIT_S = 10
+
+
+def redis_client(url: str):
+    """An asyncio Redis client whose pool makes callers wait instead of failing when every
+    connection is busy (hundreds of SSE streams start at once)."""
+    import redis.asyncio as aioredis
+
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=REDIS_MAX_CONNECTIONS,
+                                                    timeout=REDIS_POOL_WAIT_S, socket_connect_timeout=5,
+                                                    socket_timeout=10, health_check_interval=30)
+    return aioredis.Redis(connection_pool=pool)
+
+
+# Append one event: XADD (trimmed), expiry, and a notification on the Job's channel that
+# carries the new entry, its id and the id before it (so a reader can tell it missed one).
+_APPEND_LUA = """
+local prev = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev_id = '0-0'
+if prev[1] then prev_id = prev[1][1] end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'd', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PUBLISH', KEYS[2], prev_id .. ' ' .. id .. ' ' .. ARGV[1])
+return id
+"""
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
+    """Clear `event` and wait for it at most `timeout_s`; False on timeout. Cheaper than
+    `asyncio.wait_for` (no task per call), which matters at thousands of events per second."""
+    event.clear()
+    loop = asyncio.get_running_loop()
+    timed_out = False
+
+    def expire() -> None:
+        nonlocal timed_out
+        timed_out = True
+        event.set()
+
+    handle = loop.call_later(timeout_s, expire)
+    try:
+        await event.wait()
+    finally:
+        handle.cancel()
+    return not timed_out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class _RedisSubscription:
+    """Backlog by XRANGE, then live entries from the process's pub/sub hub; any gap (a
+    notification whose previous id is not the last one seen, or a hub reconnect) is filled
+    by XRANGE, so a reader never skips or repeats an entry."""
+
+    def __init__(self, broker: RedisStreamBroker, job_id: str, after: tuple[int, int] | None) -> None:
+        self.broker = broker
+        self.job_id = job_id
+        self.key = broker.key(job_id)
+        self.channel = broker.channel(job_id)
+        self.last = after or (0, 0)
+        self.queue: collections.deque[tuple[tuple[int, int], tuple[int, int], str, bytes]] = collections.deque()
+        self.event = asyncio.Event()
+        self.started = False
+        self.resync = False
+        self.closed = False
+        self.interrupted = False
+
+    def deliver(self, prev: tuple[int, int], eid: tuple[int, int], text_id: str, data: bytes) -> None:
+        self.queue.append((prev, eid, text_id, data))
+        self.event.set()
+
+    def lost_messages(self) -> None:
+        self.resync = True
+        self.event.set()
+
+    def interrupt(self) -> None:
+        """Make a pending `next` return (server shutdown)."""
+        self.interrupted = True
+        self.event.set()
+
+    async def _range(self) -> list[Entry]:
+        raw = await self.broker.redis.xrange(self.key, min="(" + format_id(self.last), max="+", count=READ_PAGE)
+        out = [(_text(eid), fields[b"d"]) for eid, fields in raw]
+        if out:
+            self.last = parse_id(out[-1][0]) or self.last
+        return out
+
+    async def next(self, timeout_s: float) -> list[Entry] | None:
+        if not self.started:
+            self.started = True
+            await self.broker.hub.add(self)  # subscribed (confirmed) before the backlog is read
+            entries = await self._range()
+            if entries:
+                return entries
+        while True:
+            if self.resync:
+                self.resync = False
+                self.queue.clear()
+                entries = await self._range()
+                if entries:
+                    return entries
+            out: list[Entry] = []
+            while self.queue:
+                prev, eid, text_id, data = self.queue.popleft()
+                if eid <= self.last:
+                    continue
+                if prev > self.last:  # missed something in between: read it from the stream
+                    self.queue.clear()
+                    return await self._range()
+                out.append((text_id, data))
+                self.last = eid
+            if out:
+                return out
+            if self.interrupted:
+                return []
+            if not await _wait(self.event, timeout_s):
+                # Quiet stream: make sure nothing was missed, then report the timeout.
+                entries = await self._range()
+                return entries or None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.started:
+                self.broker.hub.remove(self)
+
+
+class _Hub:
+    """One pub/sub connection per process for every live subscription (SUBSCRIBE per Job
+    channel while someone here reads that Job; O(1) per event, whatever the number of
+    streams served)."""
+
+    def __init__(self, broker: RedisStreamBroker) -> None:
+        self.broker = broker
+        self.subs: dict[str, set[_RedisSubscription]] = {}
+        self.confirmed: dict[str, asyncio.Event] = {}
+        self.pubsub: Any = None
+        self._active = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.messages = 0
+
+    async def add(self, sub: _RedisSubscription) -> None:
+        subs = self.subs.setdefault(sub.channel, set())
+        subs.add(sub)
+        confirmed = self.confirmed.get(sub.channel)
+        if confirmed is None:
+            confirmed = self.confirmed[sub.channel] = asyncio.Event()
+            await self.pubsub.subscribe(sub.channel)
+            self._active.set()
+        try:
+            await asyncio.wait_for(confirmed.wait(), REDIS_POOL_WAIT_S)
+        except asyncio.TimeoutError:
+            sub.lost_messages()  # the quiet-stream check reads the stream anyway
+
+    def remove(self, sub: _RedisSubscription) -> None:
+        subs = self.subs.get(sub.channel)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self.subs[sub.channel]
+            self.confirmed.pop(sub.channel, None)
+            if self.pubsub is not None:
+                asyncio.get_running_loop().create_task(self._unsubscribe(sub.channel))
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if channel in self.subs:
+            return  # someone subscribed again meanwhile
+        try:
+            await self.pubsub.unsubscribe(channel)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("stream_hub_unsubscribe_failed", error=repr(exc))
+
+    async def start(self) -> None:
+        self._active = asyncio.Event()
+        self.pubsub = self.broker.hub_redis.pubsub()
+        await self.pubsub.connect()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="stream-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self.pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self.pubsub.aclose()
+            self.pubsub = None
+
+    def _resync_all(self) -> None:
+        for subs in self.subs.values():
+            for sub in subs:
+                sub.lost_messages()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if not self.pubsub.subscribed:
+                    self._active.clear()
+                    await self._active.wait()  # nothing subscribed: sleep until a reader comes
+                async for msg in self.pubsub.listen():  # ends when nothing is subscribed any more
+                    self._handle(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reconnects; readers re-read their streams
+                log.warning("stream_hub_read_failed", error=repr(exc))
+                self._resync_all()
+                await asyncio.sleep(0.2)
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        channel = _text(msg["channel"])
+        if kind == "message":
+            self.messages += 1
+            payload = msg["data"]
+            a = payload.index(b" ")
+            b = payload.index(b" ", a + 1)
+            prev = parse_id(payload[:a].decode()) or (0, 0)
+            text_id = payload[a + 1:b].decode()
+            eid = parse_id(text_id) or (0, 0)
+            data = payload[b + 1:]
+            for sub in list(self.subs.get(channel, ())):
+                sub.deliver(prev, eid, text_id, data)
+        elif kind == "subscribe":
+            confirmed = self.confirmed.get(channel)
+            if confirmed is not None:
+                if confirmed.is_set():  # a re-subscription after a reconnect: messages may be lost
+                    for sub in list(self.subs.get(channel, ())):
+                        sub.lost_messages()
+                confirmed.set()
+
+
+class RedisStreamBroker(StreamBroker):
+    kind = "redis"
+
+    def __init__(self, url: str, *, prefix: str, retention_s: int, live_ttl_s: int, max_events: int) -> None:
+        import redis.asyncio as aioredis
+
+        self.url = url
+        self.prefix = prefix
+        self.retention_ms = retention_s * 1000
+        self.live_ttl_ms = live_ttl_s * 1000
+        self.max_events = max_events
+        self.redis = redis_client(url)
+        self.hub_redis = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=None,
+                                                 health_check_interval=0)
+        self.hub = _Hub(self)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._pending: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._early: collections.deque[tuple[str, bytes]] = collections.deque()  # before start()
+        self._early_lock = threading.Lock()
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task | None = None
+        self._sha = ""
+        self._inflight = 0
+        self.dropped = 0
+        self.published = 0
+
+    def key(self, job_id: str) -> str:
+        return f"{self.prefix}stream:{job_id}"
+
+    def channel(self, job_id: str) -> str:
+        return f"{self.prefix}ch:{job_id}"
+
+    # -- publishing (any thread)
+    def publish(self, job_id: str, data: bytes) -> None:
+        item = (job_id, data)
+        loop = self._loop
+        if loop is None:
+            with self._early_lock:
+                if self._loop is None:
+                    self._early.append(item)
+                    return
+            loop = self._loop
+        if threading.get_ident() == self._loop_thread:
+            self._enqueue(item)
+        else:
+            try:
+                loop.call_soon_threadsafe(self._enqueue, item)
+            except RuntimeError:  # the loop is closed: the process is going away
+                self.dropped += 1
+
+    def _enqueue(self, item: tuple[str, bytes]) -> None:
+        if len(self._pending) >= MAX_PENDING_PUBLISHES and not is_terminal(item[1]):
+            self.dropped += 1
+            return
+        self._pending.append(item)
+        self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                n = min(len(self._pending), PIPELINE_BATCH)
+                batch = [self._pending.popleft() for _ in range(n)]
+                self._inflight = n
+                await self._write(batch)
+                self._inflight = 0
+
+    async def _write(self, batch: list[tuple[str, bytes]]) -> None:
+        from redis.exceptions import NoScriptError
+
+        for attempt in range(5):
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id, data in batch:
+                ttl = self.retention_ms if is_terminal(data) else self.live_ttl_ms
+                pipe.evalsha(self._sha, 2, self.key(job_id), self.channel(job_id), data, self.max_events, ttl)
+            try:
+                await pipe.execute()
+                self.published += len(batch)
+                return
+            except asyncio.CancelledError:
+                raise
+            except NoScriptError:
+                self._sha = await self.redis.script_load(_APPEND_LUA)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("stream_publish_failed", error=repr(exc), attempt=attempt + 1, events=len(batch))
+                await asyncio.sleep(0.05 * 2 ** attempt)
+        self.dropped += len(batch)
+        log.error("stream_events_dropped", events=len(batch))
+
+    # -- lifecycle
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._sha = await self.redis.script_load(_APPEND_LUA)
+        await self.hub.start()
+        with self._early_lock:
+            self._loop = loop
+            self._loop_thread = threading.get_ident()
+            early, self._early = self._early, collections.deque()
+        for item in early:
+            self._enqueue(item)
+        self._flusher = loop.create_task(self._flush_loop(), name="stream-publisher")
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while (self._pending or self._inflight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return not (self._pending or self._inflight)
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            await self.flush()
+        await self.hub.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._flusher
+            self._flusher = None
+        with self._early_lock:
+            self._loop = None
+            self._loop_thread = None
+        await self.redis.aclose()
+        await self.hub_redis.aclose()
+
+    # -- reading
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def read(self, job_id: str, after_id: str | None, limit: int = READ_PAGE) -> list[Entry]:
+        after = parse_id(after_id) or (0, 0)
+        raw = await self.redis.xrange(self.key(job_id), min="(" + format_id(after), max="+", count=limit)
+        return [(_text(eid), fields[b"d"]) for eid, fields in raw]
+
+    async def exists(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(self.key(job_id)))
+
+    def subscribe(self, job_id: str, after_id: str | None) -> Subscription:
+        return _RedisSubscription(self, job_id, parse_id(after_id))
+
+
+# ------------------------------------------------------------------ Job events -> streams
+_STATUS_OF = {"Queued": "queued", "Assigned": "assigned", "OfferDeclined": "queued", "Started": "running",
+              "Requeued": "queued", "Completed": "completed", "Failed": "failed", "Cancelled": "cancelled",
+              "TimedOut": "timeout"}
+
+Translator = Callable[[Any], Iterable[tuple[str, bytes]]]
+
+
+def job_stream_events(ev: Any) -> list[tuple[str, bytes]]:
+    """The stream events of one Job event: a status for every transition, then `done`
+    (with usage) on completion or `error` on failure, cancellation or timeout."""
+    from scheduler.jobs import Job
+
+    if not isinstance(ev, Job.Event):
+        return []
+    job_id = str(ev.originator_id)
+    name = type(ev).__name__
+    if isinstance(ev, Job.Submitted):
+        return [(job_id, status_event(ev.status))]
+    status = _STATUS_OF.get(name)
+    if status is None:
+        return []
+    out = [(job_id, status_event(status))]
+    if isinstance(ev, Job.Completed):
+        kind = "image" if "steps" in ev.usage else "chat"
+        out.append((job_id, done_event(usage_out(kind, ev.usage, ev.charged_micro))))
+    elif isinstance(ev, Job.Failed):
+        out.append((job_id, error_event(ev.reason or "failed")))
+    elif isinstance(ev, Job.Cancelled):
+        out.append((job_id, error_event(f"cancelled by {ev.by}")))
+    elif isinstance(ev, Job.TimedOut):
+        out.append((job_id, error_event(f"no Island took the job within {ev.waited_ms // 1000} s")))
+    return out
+
+
+class CommitPublisher:
+    """A GroupCommitter listener: turns the events this process commits into stream
+    events. Every event is committed by exactly one process, so every stream event is
+    published exactly once, and before the committing command's caller resumes (see the
+    module docstring on ordering). Called in the writer thread: only builds bytes and
+    hands them to the broker."""
+
+    def __init__(self, publisher: Publisher, translators: list[Translator] | None = None) -> None:
+        self.publisher = publisher
+        self.translators: list[Translator] = translators or [job_stream_events]
+        self.muted = False
+
+    def __call__(self, recordings: list[Any]) -> None:
+        if self.muted:
+            return
+        for rec in recordings:
+            ev = rec.domain_event
+            for translate in self.translators:
+                for job_id, data in translate(ev):
+                    self.publisher.publish(job_id, data)
+
+
+def credits_number(micro: int) -> Decimal:
+    return micro_to_credits(micro)

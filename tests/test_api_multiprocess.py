@@ -1,0 +1,113 @@
+"""Several coordinator processes on one PostgreSQL and one Redis (the production shape):
+a Job created on one process is readable at once on another, streamed by any process
+while an Island on another runs it, one rate limit and one idempotency record per key,
+and a revocation on one process refuses the key on the other at once."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from api.keys import KeyStore
+from api.settings import Settings
+from api.wiring import build
+from tests.api_harness import LiveServer, ServerProcess, make_backend, read_sse
+
+
+def new_account(backend, credits_micro: int = 100_000_000) -> str:
+    """An account and key written by a third, short-lived coordinator, so that neither
+    server has the account cached (see the note in test_any_process_serves_any_stream)."""
+    c = build(Settings.from_env(backend.env()))
+    try:
+        account = uuid.uuid4()
+        c.ledger.open_account(account, f"{account.hex[:8]}@mp.example", kyc_verified=True,
+                              initial_grant_micro=credits_micro)
+        return KeyStore(c.committer, fresh_reads=True).issue(account, "mp")[0]
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    backend = make_backend("pg_redis", tmp_path_factory.mktemp("mp"))
+    a = LiveServer(backend)  # started first: it holds the dispatch leader lock
+    a.chat_island = a.island(name="island-on-a")
+    b = ServerProcess(backend.env(COORDINATOR_PROJECTIONS="off"))
+    a.backend_ = backend
+    yield a, b
+    b.signal(15)
+    try:
+        b.wait(30)
+    finally:
+        b.kill()
+        a.stop()
+        backend.cleanup()
+
+
+def test_read_your_writes_across_processes(pair):
+    a, b = pair
+    key = new_account(a.backend_)
+    with a.client(key) as ca, b.client(key) as cb:
+        for writer, reader in ((cb, ca), (ca, cb)):
+            job = writer.post("/jobs", json={"workload": "llm-chat", "input": {"prompt": "hi"}})
+            assert job.status_code == 201
+            got = reader.get(f"/jobs/{job.json()['data']['id']}")
+            assert got.status_code == 200, got.text
+
+
+def test_any_process_serves_any_stream(pair):
+    # The hold is placed by B and settled by A. If A had the consumer's Account cached from
+    # before, its settlement would read that stale copy (no such hold): the scheduler's
+    # commands do not re-read aggregates from the store (reported to the lead). A fresh
+    # account keeps this test about streaming.
+    a, b = pair
+    key = new_account(a.backend_)
+    with b.client(key) as cb:
+        a.chat_island.gate.clear()
+        job = cb.post("/jobs", json={"workload": "llm-chat", "input": {"prompt": "echo:from A"}}).json()["data"]
+        events = []
+        reader = threading.Thread(target=lambda: events.extend(read_sse(cb, f"/jobs/{job['id']}/stream")))
+        reader.start()
+        a.chat_island.gate.set()
+        reader.join(30)
+        kinds = [e.data["type"] for e in events]
+        assert kinds[-1] == "done", kinds
+        assert [e.data["content"] for e in events if e.data["type"] == "token"] == ["from A"]
+        statuses = [e.data["content"] for e in events if e.data["type"] == "status"]
+        assert statuses[:3] == ["queued", "assigned", "running"]
+        assert cb.get(f"/jobs/{job['id']}").json()["data"]["output"] == "from A"
+
+
+def test_rate_limit_is_shared(pair):
+    a, b = pair
+    key = new_account(a.backend_)
+    with a.client(key) as ca, b.client(key) as cb:
+        codes = [(ca if i % 2 else cb).get("/workloads").status_code for i in range(100)]
+        assert codes == [200] * 100
+        assert ca.get("/workloads").status_code == 429
+        assert cb.get("/workloads").status_code == 429
+
+
+def test_revocation_on_one_process_is_at_once_on_the_other(pair):
+    a, b = pair
+    key = new_account(a.backend_)
+    with a.client(key) as ca, b.client(None) as cb:
+        made = ca.post("/api-keys", json={"name": "second"}).json()
+        second = {"Authorization": f"Bearer {made['key']}"}
+        assert cb.get("/account", headers=second).status_code == 200  # cached on B now
+        assert ca.delete(f"/api-keys/{made['data']['id']}").status_code == 200
+        assert cb.get("/account", headers=second).status_code == 401
+
+
+def test_idempotency_key_across_processes(pair):
+    a, b = pair
+    key = new_account(a.backend_)
+    h = {"Idempotency-Key": str(uuid.uuid4())}
+    with a.client(key) as ca, b.client(key) as cb:
+        first = ca.post("/jobs", json={"workload": "llm-chat", "input": {"prompt": "once"}}, headers=h)
+        second = cb.post("/jobs", json={"workload": "llm-chat", "input": {"prompt": "once"}}, headers=h)
+        assert first.status_code == second.status_code == 201
+        assert first.json()["data"]["id"] == second.json()["data"]["id"]
+        assert second.headers.get("Idempotent-Replayed") == "true"
