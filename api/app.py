@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -250,15 +250,26 @@ def _open_projections(c: Coordinator, mode: str) -> Any:
         return None
 
 
-def create_app(services: ApiServices) -> Litestar:
-    api = services.settings.api
+def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), open_paths: Sequence[str] = (),
+               on_startup: Sequence[Any] = (), on_shutdown: Sequence[Any] = ()) -> Litestar:
+    """The app. `extra_handlers` (e.g. the Island channel's routes) are mounted beside the
+    consumer API; paths starting with one of `open_paths` skip API-key authentication (they
+    authenticate themselves); WebSocket routes never go through it."""
+    from api import auth
+
+    cfg = services.settings.api
+    for path in open_paths:
+        if path not in auth.OPEN_PATHS:
+            auth.OPEN_PATHS = (*auth.OPEN_PATHS, path)
     return Litestar(
-        route_handlers=[consumer_router(services), *openai_handlers(services)],
+        route_handlers=[consumer_router(services), *openai_handlers(services), *extra_handlers],
+        on_startup=list(on_startup),
+        on_shutdown=list(on_shutdown),
         middleware=[DefineMiddleware(AuthMiddleware, authenticator=services.authenticator),
                     DefineMiddleware(IdempotencyMiddleware, store=services.idempotency,
-                                     ttl_ms=api.idempotency_ttl_s * 1000, max_body_bytes=api.max_body_bytes)],
+                                     ttl_ms=cfg.idempotency_ttl_s * 1000, max_body_bytes=cfg.max_body_bytes)],
         exception_handlers={Exception: exception_handler},
-        request_max_body_size=api.max_body_bytes,
+        request_max_body_size=cfg.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Archipelag coordinator", version="1.0.0", path="/api/v1/schema",
                                      description="Consumer API (api-contract.md) and OpenAI-compatible chat."),
         lifespan=[services.lifespan],

@@ -316,11 +316,15 @@ class BatchService:
     def __init__(self, committer: GroupCommitter, scheduler: Scheduler, *, fresh_reads: bool) -> None:
         self.committer = committer
         self.scheduler = scheduler
-        self.catalog = scheduler.catalog
         self.ledger_config = scheduler.ledger_config
         self.fresh = fresh_reads
         self.unfinished: set[UUID] = set()
         self.log_position = 0
+
+    @property
+    def catalog(self) -> Any:
+        """The live catalog (kill switches applied), never a copy taken at start."""
+        return self.scheduler.catalog
 
     # -- creation
     async def asubmit(self, account_id: UUID, req: CreateBatchRequest, idempotency_key: str | None) -> BatchSnapshot:
@@ -446,11 +450,9 @@ class BatchService:
             if isinstance(ev, (Job.Completed, Job.Failed, Job.Cancelled, Job.TimedOut)):
                 if getattr(ev, "by", "") == "batch fail_fast":
                     continue
-                job_id = ev.originator_id
-                fresh = self.fresh
                 try:
-                    self.committer.submit(lambda uow, j=job_id: advance_for_child_in(
-                        uow, self.ledger_config, self.catalog, j, fresh))
+                    self.committer.submit(lambda uow, j=ev.originator_id, f=self.fresh: advance_for_child_in(
+                        uow, self.ledger_config, self.catalog, j, f))
                 except Exception:  # noqa: BLE001 - the sweeper catches up
                     pass
             elif isinstance(ev, Batch.Created):

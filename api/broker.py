@@ -33,7 +33,6 @@ import collections
 import contextlib
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Any, Protocol
@@ -125,6 +124,11 @@ class Publisher:
 
     def publish(self, job_id: str, data: bytes) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def publish_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Several events (in order), e.g. everything one commit produced."""
+        for job_id, data in items:
+            self.publish(job_id, data)
 
     def publish_status(self, job_id: str, status: str) -> None:
         self.publish(job_id, status_event(status))
@@ -488,7 +492,7 @@ class _Hub:
             self._active.set()
         try:
             await asyncio.wait_for(confirmed.wait(), REDIS_POOL_WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             sub.lost_messages()  # the quiet-stream check reads the stream anyway
 
     def remove(self, sub: _RedisSubscription) -> None:
@@ -620,6 +624,24 @@ class RedisStreamBroker(StreamBroker):
                 loop.call_soon_threadsafe(self._enqueue, item)
             except RuntimeError:  # the loop is closed: the process is going away
                 self.dropped += 1
+
+    def publish_many(self, items: list[tuple[str, bytes]]) -> None:
+        """One hand-over to the loop for a whole commit's events (not one per event)."""
+        if not items:
+            return
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread:
+            for job_id, data in items:
+                self.publish(job_id, data)
+            return
+        try:
+            loop.call_soon_threadsafe(self._enqueue_many, items)
+        except RuntimeError:
+            self.dropped += len(items)
+
+    def _enqueue_many(self, items: list[tuple[str, bytes]]) -> None:
+        for item in items:
+            self._enqueue(item)
 
     def _enqueue(self, item: tuple[str, bytes]) -> None:
         if len(self._pending) >= MAX_PENDING_PUBLISHES and not is_terminal(item[1]):
@@ -762,11 +784,13 @@ class CommitPublisher:
     def __call__(self, recordings: list[Any]) -> None:
         if self.muted:
             return
+        out: list[tuple[str, bytes]] = []
         for rec in recordings:
             ev = rec.domain_event
             for translate in self.translators:
-                for job_id, data in translate(ev):
-                    self.publisher.publish(job_id, data)
+                out.extend(translate(ev))
+        if out:
+            self.publisher.publish_many(out)
 
 
 def credits_number(micro: int) -> Decimal:

@@ -582,10 +582,17 @@ def build_parser() -> argparse.ArgumentParser:
     from api.islands_cli import add_island_commands  # islands create|approve|suspend|list, island run (#5)
 
     add_island_commands(sub)
+    # `simulate` is forwarded to the dispatch simulator before parsing (main); listed here for --help.
+    sub.add_parser("simulate", help="run the dispatch simulator (docs/SIMULATOR.md)", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:1] == ["simulate"]:  # the simulator parses its own arguments and opens no event store
+        from simulations.cli import main as simulate_main
+
+        return simulate_main(raw[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

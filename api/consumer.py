@@ -234,9 +234,17 @@ def consumer_router(services: ApiServices) -> Router:
     sched = c.scheduler
     committer = c.committer
     fresh = services.fresh_reads
-    workloads = {w.slug: _workload(w) for w in c.catalog.all()}
-    workloads_body = encode(WorkloadListEnvelope(list(workloads.values())))
-    workload_bodies = {slug: encode(WorkloadEnvelope(w)) for slug, w in workloads.items()}
+    encoded: dict[str, Any] = {"catalog": None}
+
+    def workload_bodies() -> tuple[bytes, dict[str, bytes]]:
+        """Encoded once per catalog version (a kill switch makes a new Catalog object)."""
+        catalog = sched.catalog
+        if encoded["catalog"] is not catalog:
+            items = {w.slug: _workload(w) for w in catalog.all()}
+            encoded["all"] = encode(WorkloadListEnvelope(list(items.values())))
+            encoded["one"] = {slug: encode(WorkloadEnvelope(w)) for slug, w in items.items()}
+            encoded["catalog"] = catalog
+        return encoded["all"], encoded["one"]
 
     def island_name(island_id: str) -> str | None:
         rec = sched.core.registry.islands.get(island_id) if island_id else None
@@ -287,11 +295,11 @@ def consumer_router(services: ApiServices) -> Router:
     # -------------------------------------------------------------- workloads
     @get("/workloads", summary="Every workload (Cargo)")
     async def list_workloads() -> Response[WorkloadListEnvelope]:
-        return Response(content=workloads_body, media_type=MediaType.JSON)
+        return Response(content=workload_bodies()[0], media_type=MediaType.JSON)
 
     @get("/workloads/{slug:str}", summary="One workload by slug")
     async def get_workload(slug: FromPath[str]) -> Response[WorkloadEnvelope]:
-        body = workload_bodies.get(slug)
+        body = workload_bodies()[1].get(slug)
         if body is None:
             raise not_found("workload")
         return Response(content=body, media_type=MediaType.JSON)

@@ -120,16 +120,26 @@ def job_error(view: JobView) -> ApiError:
 def openai_handlers(services: ApiServices) -> list[Any]:
     c = services.coordinator
     sched = c.scheduler
-    chat_cargos = [cg for cg in c.catalog.all() if cg.kind == "chat"]
-    models: list[ModelOut] = []
-    seen: set[str] = set()
-    for cg in chat_cargos:
-        for name in [cg.slug, cg.model, *sorted(cg.models)]:
-            if name not in seen:
-                seen.add(name)
-                models.append(ModelOut(id=name, created=MODEL_CREATED, owned_by=OWNED_BY))
-    models_body = encode(ModelList(data=models))
-    by_id = {m.id: encode(m) for m in models}
+    cache: dict[str, Any] = {"catalog": None}
+
+    def current() -> dict[str, Any]:
+        """Chat Cargos and the encoded model list, once per catalog version (kill switches
+        make a new Catalog object); disabled Cargos are not listed but still resolve (409)."""
+        catalog = sched.catalog
+        if cache["catalog"] is not catalog:
+            cargos = [cg for cg in catalog.all() if cg.kind == "chat"]
+            models: list[ModelOut] = []
+            seen: set[str] = set()
+            for cg in cargos:
+                if not cg.enabled:
+                    continue
+                for name in [cg.slug, cg.model, *sorted(cg.models)]:
+                    if name not in seen:
+                        seen.add(name)
+                        models.append(ModelOut(id=name, created=MODEL_CREATED, owned_by=OWNED_BY))
+            cache.update(catalog=catalog, cargos=cargos, body=encode(ModelList(data=models)),
+                         by_id={m.id: encode(m) for m in models})
+        return cache
 
     async def wait_terminal(job_id: str, account_id: UUID, deadline: float) -> JobView:
         sub = services.broker.subscribe(job_id, None)
@@ -137,7 +147,7 @@ def openai_handlers(services: ApiServices) -> list[Any]:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise asyncio.TimeoutError
+                    raise TimeoutError
                 entries = await sub.next(min(POLL_S, remaining))
                 if entries is None or services.draining.is_set():
                     view = await sched.aget_job(UUID(job_id), account_id)
@@ -156,7 +166,7 @@ def openai_handlers(services: ApiServices) -> list[Any]:
           summary="OpenAI-compatible chat completion")
     async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest]) -> Response[ChatCompletion]:
         account_id = request.user.account_id
-        cargo, model = resolve_model(chat_cargos, data.model)
+        cargo, model = resolve_model(current()["cargos"], data.model)
         payload = chat_input(data, model)
         view = await sched.asubmit(account_id, cargo.slug, payload, idempotency_key=request.scope.get(
             "idempotency_key"))
@@ -169,7 +179,7 @@ def openai_handlers(services: ApiServices) -> list[Any]:
         deadline = time.monotonic() + services.settings.api.chat_wait_s
         try:
             final = await wait_terminal(view.id, account_id, deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await sched.acancel(UUID(view.id), account_id=account_id, by="consumer (timeout)")
             raise ApiError(504, "timeout", "the job did not finish in time; it was cancelled") from None
         if final.status != "completed":
@@ -183,11 +193,11 @@ def openai_handlers(services: ApiServices) -> list[Any]:
 
     @get(["/v1/models", "/api/v1/models"], summary="OpenAI-compatible model list (chat models)")
     async def list_models() -> Response[ModelList]:
-        return Response(content=models_body, media_type=MediaType.JSON)
+        return Response(content=current()["body"], media_type=MediaType.JSON)
 
     @get(["/v1/models/{model_id:str}", "/api/v1/models/{model_id:str}"], summary="One model")
     async def get_model(model_id: FromPath[str]) -> Response[ModelOut]:
-        body = by_id.get(model_id)
+        body = current()["by_id"].get(model_id)
         if body is None:
             raise ApiError(404, "model_not_found", f"the model {model_id[:128]!r} does not exist")
         return Response(content=body, media_type=MediaType.JSON)

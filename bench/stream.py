@@ -203,6 +203,13 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--warmup", type=float, default=2.0)
     args = p.parse_args(argv)
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except Exception as exc:  # noqa: BLE001 - say why instead of a traceback
+        print(f"Redis unreachable at {REDIS_URL} ({exc!r}): set BENCH_REDIS_URL or run scripts/services.sh")
+        return {"bench": "stream", "skipped": f"Redis unreachable at {REDIS_URL}"}
     prefix = f"bench{uuid.uuid4().hex[:8]}:"
     try:
         with tempfile.TemporaryDirectory() as tmp:

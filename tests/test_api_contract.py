@@ -334,3 +334,18 @@ def test_image_job_needs_no_island_to_be_admitted(srv):
         assert job.json()["data"]["workload_slug"] == "sdxl"
         cl.delete(f"/jobs/{job.json()['data']['id']}")
     assert IMAGE_CAPS["cargos"] == ["sdxl"]
+
+
+def test_409_disabled_workload_and_workloads_follow_the_kill_switch(srv):
+    _, key = srv.account()
+    sched = srv.c.scheduler
+    sched.set_cargo_enabled("llm-chat-lite", False, by="test", reason="contract test")
+    try:
+        wait_for(lambda: not sched.catalog.by_slug("llm-chat-lite").enabled)
+        with srv.client(key) as cl:
+            error_of(cl.post("/jobs", json={"workload": "llm-chat-lite", "input": {"prompt": "x"}}), 409,
+                     "workload_disabled")
+            assert cl.get("/workloads/llm-chat-lite").json()["data"]["is_enabled"] is False
+    finally:
+        sched.set_cargo_enabled("llm-chat-lite", True, by="test", reason="contract test done")
+        wait_for(lambda: sched.catalog.by_slug("llm-chat-lite").enabled)

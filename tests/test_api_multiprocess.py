@@ -10,23 +10,7 @@ import uuid
 
 import pytest
 
-from api.keys import KeyStore
-from api.settings import Settings
-from api.wiring import build
 from tests.api_harness import LiveServer, ServerProcess, make_backend, read_sse
-
-
-def new_account(backend, credits_micro: int = 100_000_000) -> str:
-    """An account and key written by a third, short-lived coordinator, so that neither
-    server has the account cached (see the note in test_any_process_serves_any_stream)."""
-    c = build(Settings.from_env(backend.env()))
-    try:
-        account = uuid.uuid4()
-        c.ledger.open_account(account, f"{account.hex[:8]}@mp.example", kyc_verified=True,
-                              initial_grant_micro=credits_micro)
-        return KeyStore(c.committer, fresh_reads=True).issue(account, "mp")[0]
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +19,6 @@ def pair(tmp_path_factory):
     a = LiveServer(backend)  # started first: it holds the dispatch leader lock
     a.chat_island = a.island(name="island-on-a")
     b = ServerProcess(backend.env(COORDINATOR_PROJECTIONS="off"))
-    a.backend_ = backend
     yield a, b
     b.signal(15)
     try:
@@ -48,7 +31,7 @@ def pair(tmp_path_factory):
 
 def test_read_your_writes_across_processes(pair):
     a, b = pair
-    key = new_account(a.backend_)
+    _, key = a.account()
     with a.client(key) as ca, b.client(key) as cb:
         for writer, reader in ((cb, ca), (ca, cb)):
             job = writer.post("/jobs", json={"workload": "llm-chat", "input": {"prompt": "hi"}})
@@ -58,12 +41,10 @@ def test_read_your_writes_across_processes(pair):
 
 
 def test_any_process_serves_any_stream(pair):
-    # The hold is placed by B and settled by A. If A had the consumer's Account cached from
-    # before, its settlement would read that stale copy (no such hold): the scheduler's
-    # commands do not re-read aggregates from the store (reported to the lead). A fresh
-    # account keeps this test about streaming.
+    # The hold is placed by B and settled by A, which has the consumer's Account cached
+    # from before (it created it): the settlement must see B's hold.
     a, b = pair
-    key = new_account(a.backend_)
+    _, key = a.account()
     with b.client(key) as cb:
         a.chat_island.gate.clear()
         job = cb.post("/jobs", json={"workload": "llm-chat", "input": {"prompt": "echo:from A"}}).json()["data"]
@@ -82,7 +63,7 @@ def test_any_process_serves_any_stream(pair):
 
 def test_rate_limit_is_shared(pair):
     a, b = pair
-    key = new_account(a.backend_)
+    _, key = a.account()
     with a.client(key) as ca, b.client(key) as cb:
         codes = [(ca if i % 2 else cb).get("/workloads").status_code for i in range(100)]
         assert codes == [200] * 100
@@ -92,7 +73,7 @@ def test_rate_limit_is_shared(pair):
 
 def test_revocation_on_one_process_is_at_once_on_the_other(pair):
     a, b = pair
-    key = new_account(a.backend_)
+    _, key = a.account()
     with a.client(key) as ca, b.client(None) as cb:
         made = ca.post("/api-keys", json={"name": "second"}).json()
         second = {"Authorization": f"Bearer {made['key']}"}
@@ -103,7 +84,7 @@ def test_revocation_on_one_process_is_at_once_on_the_other(pair):
 
 def test_idempotency_key_across_processes(pair):
     a, b = pair
-    key = new_account(a.backend_)
+    _, key = a.account()
     h = {"Idempotency-Key": str(uuid.uuid4())}
     with a.client(key) as ca, b.client(key) as cb:
         first = ca.post("/jobs", json={"workload": "llm-chat", "input": {"prompt": "once"}}, headers=h)
