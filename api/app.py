@@ -251,7 +251,8 @@ def _open_projections(c: Coordinator, mode: str) -> Any:
 
 
 def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), open_paths: Sequence[str] = (),
-               on_startup: Sequence[Any] = (), on_shutdown: Sequence[Any] = ()) -> Litestar:
+               on_startup: Sequence[Any] = (), on_shutdown: Sequence[Any] = (),
+               extra_lifespans: Sequence[Any] = ()) -> Litestar:
     """The app. `extra_handlers` (e.g. the Island channel's routes) are mounted beside the
     consumer API; paths starting with one of `open_paths` skip API-key authentication (they
     authenticate themselves); WebSocket routes never go through it."""
@@ -272,7 +273,21 @@ def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), ope
         request_max_body_size=cfg.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Archipelag coordinator", version="1.0.0", path="/api/v1/schema",
                                      description="Consumer API (api-contract.md) and OpenAI-compatible chat."),
-        lifespan=[services.lifespan],
+        lifespan=[services.lifespan, *extra_lifespans],  # extras are entered after the services'
         logging_config=None,
         debug=False,
     )
+
+
+def create_server_app(services: ApiServices) -> Litestar:
+    """The whole server: the consumer API, the Island channel and registration (#5), the
+    operator API and /metrics (#6). `coordinator serve` and `coordinator demo` run this."""
+    from api import metrics
+    from api.island_channel import build_island_channel, island_routes
+    from api.operator import operator_router
+
+    channel = build_island_channel(services.coordinator, services.broker)
+    metrics.install(services)
+    return create_app(services, extra_handlers=[*island_routes(channel), operator_router(services),
+                                                metrics.metrics_handler],
+                      open_paths=("/api/v1/admin", "/metrics"), extra_lifespans=[channel.lifespan])

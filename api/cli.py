@@ -224,46 +224,11 @@ def cmd_serve(c, args) -> int:
     return serve(c, c.settings, args.host, args.port)
 
 
-def cmd_demo(c, args) -> int:
-    """Ledger demonstration (until the HTTP coordinator demo exists): two consumers, an
-    Island owner, holds that settle or release, then the trial balance and verify."""
-    from ledger.errors import AccountExists, LedgerError as _LedgerError
+def cmd_demo(_c, args) -> int:
+    """The coordinator with three local reference Islands and a demo account (api/demo.py)."""
+    from api.demo import run_demo
 
-    people = {"demo-consumer@archipelag.io": (True, 100_000_000), "demo-free@archipelag.io": (False, 0),
-              "demo-island-owner@archipelag.io": (True, 0)}
-    ids = {}
-    for email, (kyc, grant) in people.items():
-        ids[email] = account_id_for_email(email)
-        try:
-            c.ledger.open_account(ids[email], email, kyc_verified=kyc, initial_grant_micro=grant)
-            print(f"created {email}: {ids[email]}")
-        except AccountExists:
-            print(f"exists  {email}: {ids[email]}")
-    owner = ids["demo-island-owner@archipelag.io"]
-    run = uuid.uuid4().hex[:8]
-    for i, (email, hold, actual) in enumerate([("demo-consumer@archipelag.io", 20_000_000, 12_345_678),
-                                               ("demo-free@archipelag.io", 3_000_000, 2_500_000),
-                                               ("demo-free@archipelag.io", 3_000_000, 0)]):
-        acct = ids[email]
-        hold_id = f"demo-{run}-{i}"
-        try:
-            c.ledger.place_hold(acct, hold_id, hold, reference=f"job:{hold_id}")
-        except _LedgerError as exc:
-            print(f"refused {email} hold of {micro_to_credits(hold)} credits: {exc.code}: {exc.message}")
-            continue
-        if actual:
-            r = c.ledger.post_hold(acct, hold_id, actual, owner)
-            print(f"settled {email}: charged {micro_to_credits(r.posted_micro)}, island earned "
-                  f"{micro_to_credits(r.earning_micro)}, fee {micro_to_credits(r.fee_micro)}, "
-                  f"released {micro_to_credits(r.released_micro)}")
-        else:
-            c.ledger.release_hold(acct, hold_id, "cancelled")
-            print(f"released {email}: hold of {micro_to_credits(hold)} credits (job cancelled)")
-    print()
-    args.json = False
-    cmd_ledger_trial_balance(c, args)
-    print()
-    return cmd_ledger_verify(c, args)
+    return run_demo(args.host, args.port)
 
 
 # ------------------------------------------------------------------ projections (issue #6)
@@ -576,8 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default=None, help="bind address (default COORDINATOR_HOST or 127.0.0.1)")
     sv.add_argument("--port", type=int, default=None, help="port (default COORDINATOR_PORT or 8000; 0 = any free)")
     sv.set_defaults(func=cmd_serve)
-    d = sub.add_parser("demo", help="run the demonstration on the embedded default")
-    d.set_defaults(func=cmd_demo)
+    d = sub.add_parser("demo", help="the coordinator with demo Islands and a demo account (embedded default)")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8000)
+    d.set_defaults(func=cmd_demo, standalone=True)
     _add_projection_commands(sub, led, b, s)
     from api.islands_cli import add_island_commands  # islands create|approve|suspend|list, island run (#5)
 

@@ -119,7 +119,7 @@ def _key_works(services: Any, key: str) -> bool:
 def run_demo(host: str = "127.0.0.1", port: int = 8000) -> int:
     from api.app import build_services
     from api.logs import configure_logging
-    from api.server import make_server
+    from api.server import make_server, tune_gc
     from api.wiring import build
     from island.agent import AgentConfig, run_agents
 
@@ -131,6 +131,7 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000) -> int:
     c = build(settings)
     services = build_services(settings, coordinator=c)
     state = prepare(services, settings.data_dir / "demo.json")
+    tune_gc()
     server = make_server(services, host, port)
     server_thread = threading.Thread(target=server.run, name="http", daemon=True)
     server_thread.start()

@@ -127,9 +127,9 @@ def operator_router(services: Any) -> Router:
                                           initial_grant_micro=grant)
         except AccountExists:
             raise ApiError(409, "account_exists", f"an account with email {email!r} exists") from None
-        key_id, key = await services.keys.aissue(account_id, "default", None)
+        key, info = await services.keys.aissue(account_id, "default", None)
         return {"data": {"account_id": bal.account_id, "email": bal.email, "credits": _credits(bal.spendable_micro),
-                         "kyc_verified": bal.kyc_verified, "api_key_id": str(key_id)}, "api_key": key}
+                         "kyc_verified": bal.kyc_verified, "api_key_id": info.key_id}, "api_key": key}
 
     @post("/accounts/{account_id:str}/credits", status_code=200)
     async def grant(request: Request, account_id: str, data: GrantBody) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 import uvicorn
 
-from api.app import ApiServices, build_services, create_app
+from api.app import ApiServices, build_services, create_server_app
 from api.settings import Settings
 from api.wiring import Coordinator
 
@@ -104,7 +104,7 @@ def tune_gc() -> None:
 def make_server(services: ApiServices, host: str, port: int) -> CoordinatorServer:
     api = services.settings.api
     config = uvicorn.Config(
-        create_app(services), host=host, port=port, lifespan="on", log_config=None, access_log=False,
+        create_server_app(services), host=host, port=port, lifespan="on", log_config=None, access_log=False,
         loop="uvloop" if _has("uvloop") else "asyncio", http="httptools" if _has("httptools") else "h11",
         timeout_graceful_shutdown=api.shutdown_grace_s, server_header=False, timeout_keep_alive=30,
         backlog=4096, proxy_headers=False)

@@ -31,6 +31,13 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     return value
 
 
+def _admin_token(env: Mapping[str, str]) -> str | None:
+    token = env.get("COORDINATOR_ADMIN_TOKEN") or None
+    if token is not None and len(token) < 16:
+        raise SettingsError("COORDINATOR_ADMIN_TOKEN must be at least 16 characters")
+    return token
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = (env.get(name) or "").strip().lower()
     if not raw:
@@ -91,6 +98,7 @@ class Settings:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     catalog_path: Path | None = None  # None = the packaged scheduler/cargos.toml
     api: ApiSettings = field(default_factory=ApiSettings)
+    admin_token: str | None = None  # COORDINATOR_ADMIN_TOKEN: the operator API's bearer token (unset = off)
 
     @property
     def store(self) -> StoreConfig:
@@ -151,6 +159,7 @@ class Settings:
             ),
             catalog_path=Path(env["COORDINATOR_CATALOG"]) if env.get("COORDINATOR_CATALOG") else None,
             api=_api_settings(env),
+            admin_token=_admin_token(env),
         )
 
 

@@ -130,6 +130,7 @@ class LiveJob:
     streamed: bool = False
     delivered_tokens: int = 0
     epoch: int = 0  # bumped on each transition; timers carry it to detect staleness
+    queued_ms: int = 0  # when it entered the queue (submission, or a batch child's release)
     parent_id: str = ""
 
 
@@ -249,6 +250,7 @@ class DispatchCore:
                            input=ev.input, needs=self._needs(ev), submitted_ms=datetime_to_ms(ev.timestamp),
                            status=ev.status, parent_id=ev.parent_id)
             self.jobs[job_id] = live
+            live.queued_ms = live.submitted_ms
             if ev.status == QUEUED:
                 self._enqueue(live)
             self.listener.job_changed(str(job_id), ev.status, ev)
@@ -259,6 +261,7 @@ class DispatchCore:
         live.epoch += 1
         if isinstance(ev, Job.Queued):
             live.status = QUEUED
+            live.queued_ms = datetime_to_ms(ev.timestamp)  # the queue timeout counts from the release
             self._enqueue(live)
         elif isinstance(ev, Job.Assigned):
             self.queue.remove(job_id)
@@ -290,16 +293,16 @@ class DispatchCore:
                 self.registry.release(live.island_id, job_id)
                 if isinstance(ev, Job.Cancelled) and ev.stage in (ASSIGNED, RUNNING):
                     self.listener.cancel(live.island_id, str(job_id))
-            del self.jobs[job_id]
             status = {Job.Completed: "completed", Job.Failed: "failed", Job.Cancelled: "cancelled",
                       Job.TimedOut: "timeout"}[type(ev)]
-            self.listener.job_changed(str(job_id), status, ev)
+            self.listener.job_changed(str(job_id), status, ev)  # listeners may still look the Job up
+            del self.jobs[job_id]
             return
         self.listener.job_changed(str(job_id), live.status, ev)
 
     def _enqueue(self, live: LiveJob, front: bool = False) -> None:
         self.queue.push(live.cargo, live.account_id, live.job_id, front=front)
-        self._timer(live.submitted_ms + self.config.queue_timeout_ms, QUEUE_TIMEOUT, live)
+        self._timer(live.queued_ms + self.config.queue_timeout_ms, QUEUE_TIMEOUT, live)
 
     def _apply_island(self, ev: Any) -> None:
         island_id = str(ev.originator_id)
@@ -342,7 +345,7 @@ class DispatchCore:
                 out.append(lambda uow, j=job_id, i=live.island_id, s=live.streamed: cmd.lapse_in(
                     uow, self.ledger_config, self.config, j, i, streamed=s))
             elif kind == QUEUE_TIMEOUT and live.status in (QUEUED, PENDING):
-                if live.submitted_ms + self.config.queue_timeout_ms > now_ms:
+                if live.queued_ms + self.config.queue_timeout_ms > now_ms:
                     continue
                 out.append(lambda uow, j=job_id: cmd.timeout_in(uow, j))
         return out

@@ -38,14 +38,16 @@ What this adapter does (see ``simulations.system`` for the seam):
   (``ledger.audit``), karma from the Island aggregates, and a BLAKE2b digest of the whole
   event log (position, originator id and version, topic, encoded state).
 
-Knobs in the scenario's ``[coordinator.extra]`` (all optional):
+Knobs in the scenario's ``[coordinator.extra]`` (all optional; unknown keys are refused):
 ``region_preference`` ("soft" default: a consumer's preferred region is not sent - the
 latency term of the routing score already favours close Islands; "strict": sent as the
 ``region`` preference, a hard filter), ``prompt_text`` ("full" default: a prompt whose
 admission estimate equals the Job's prompt tokens; "short": a one-word prompt, less memory,
 smaller holds), ``routing_weights`` (a table of ``routing.types.Weights`` fields),
-``dispatch_batch_max``, ``max_queued_per_account``, ``max_queued_total``, ``log_poll_ms``,
-``verify_restart`` (true default: compare every account's balance across a restart).
+``cargo_min_karma_milli`` (every Cargo's karma gate, as a deployment's own catalog would
+set it), ``dispatch_batch_max``, ``max_queued_per_account``, ``max_queued_total``,
+``log_poll_ms`` (``SchedulerConfig`` fields), ``verify_restart`` (true default: compare
+every account's balance across a restart).
 """
 
 from __future__ import annotations
@@ -81,8 +83,11 @@ from store.unit_of_work import GroupCommitter
 
 #: Namespace of the simulator's deterministic account and Island ids.
 SIM_NAMESPACE = uuid.UUID("6f1d7a52-3c1e-4c55-9a55-0a7c1e0c51a0")
-_NEVER = 1 << 62
 _TERMINAL_REASON = {Job.TimedOut: "queue_timeout"}
+_CONFIG_KEYS = ("dispatch_batch_max", "max_queued_per_account", "max_queued_total", "log_poll_ms")
+#: What ``[coordinator.extra]`` may hold for this adapter (see the module docstring).
+EXTRA_KEYS = frozenset({"region_preference", "prompt_text", "routing_weights", "cargo_min_karma_milli",
+                        "verify_restart", *_CONFIG_KEYS})
 _MAX_TOKENS = 4096  # scheduler.validation.MAX_TOKENS_LIMIT
 
 
@@ -114,33 +119,10 @@ class RealSystem:
         self.hooks = ctx.hooks
         self.clock = ctx.clock
         self.epoch = ctx.clock.epoch_ms
-        cfg = ctx.config
-        extra = dict(cfg.extra or {})
-        self.extra = extra
-        self.catalog = Catalog.load()
-        if "cargo_min_karma_milli" in extra:  # catalog configuration, as a deployment's own cargos.toml would
-            floor = int(extra["cargo_min_karma_milli"])
-            self.catalog = Catalog([msgspec.structs.replace(c, min_karma_milli=floor) for c in self.catalog.all()])
-        self._check_cargos(ctx)
-        weights = Weights(**extra.get("routing_weights", {}))
-        lease_ms = int(cfg.lease_s * 1000)
-        kwargs: dict[str, Any] = {}
-        for key in ("dispatch_batch_max", "max_queued_per_account", "max_queued_total", "log_poll_ms"):
-            if key in extra:
-                kwargs[key] = int(extra[key])
-        self.sched_config = SchedulerConfig(
-            ack_timeout_ms=int(cfg.ack_timeout_s * 1000), lease_ms=lease_ms, lease_renew_ms=max(1, lease_ms // 2),
-            queue_timeout_ms=int(cfg.queue_timeout_s * 1000), max_attempts=cfg.max_attempts,
-            heartbeat_interval_ms=int(cfg.heartbeat_interval_s * 1000),
-            missed_heartbeats_offline=cfg.missed_heartbeats_offline, auto_approve_islands=False,
-            routing_seed=derive_seed(ctx.seed, "sut/routing"), weights=weights, **kwargs)
-        self.ledger_config = LedgerConfig(fee_bps=cfg.fee_bps, free_tier_limit_micro=ctx.free_tier_micro,
-                                          free_tier_grant_micro=ctx.free_tier_micro)
-        self.heartbeat_interval_ms = self.sched_config.heartbeat_interval_ms
-        self.lease_renew_ms = self.sched_config.lease_renew_ms
-        self.strict_regions = extra.get("region_preference", "soft") == "strict"
-        self.full_prompts = extra.get("prompt_text", "full") != "short"
-        self.verify_restart = bool(extra.get("verify_restart", True))
+        try:
+            self._configure(ctx)
+        except (TypeError, AssertionError, ValueError) as exc:
+            raise ValueError(f"[coordinator] settings the real scheduler refuses: {exc or type(exc).__name__}") from None
 
         self.app = open_app(StoreConfig(database_url=MEMORY_URL, data_dir=Path(".")))
         self.incarnation = 0
@@ -180,6 +162,39 @@ class RealSystem:
             self.sched.register_island(self.owner_id, spec.island_id, self._capabilities(spec), approve=True,
                                        island_id=UUID(iid), token=f"sim-token-{spec.no}")
         self._step()
+
+    def _configure(self, ctx: SimContext) -> None:
+        cfg = ctx.config
+        extra = dict(cfg.extra or {})
+        unknown = sorted(set(extra) - EXTRA_KEYS)
+        if unknown:
+            raise ValueError(f"unknown key(s) in [coordinator.extra]: {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(EXTRA_KEYS))}")
+        self.catalog = Catalog.load()
+        if "cargo_min_karma_milli" in extra:  # catalog configuration, as a deployment's own cargos.toml would
+            gate = int(extra["cargo_min_karma_milli"])
+            self.catalog = Catalog([msgspec.structs.replace(c, min_karma_milli=gate) for c in self.catalog.all()])
+        self._check_cargos(ctx)
+        weights = Weights(**extra.get("routing_weights", {}))
+        lease_ms = int(cfg.lease_s * 1000)
+        kwargs: dict[str, Any] = {key: int(extra[key]) for key in _CONFIG_KEYS if key in extra}
+        self.sched_config = SchedulerConfig(
+            ack_timeout_ms=int(cfg.ack_timeout_s * 1000), lease_ms=lease_ms, lease_renew_ms=max(1, lease_ms // 2),
+            queue_timeout_ms=int(cfg.queue_timeout_s * 1000), max_attempts=cfg.max_attempts,
+            heartbeat_interval_ms=int(cfg.heartbeat_interval_s * 1000),
+            missed_heartbeats_offline=cfg.missed_heartbeats_offline, auto_approve_islands=False,
+            routing_seed=derive_seed(ctx.seed, "sut/routing"), weights=weights, **kwargs)
+        self.ledger_config = LedgerConfig(fee_bps=cfg.fee_bps, free_tier_limit_micro=ctx.free_tier_micro,
+                                          free_tier_grant_micro=ctx.free_tier_micro)
+        self.heartbeat_interval_ms = self.sched_config.heartbeat_interval_ms
+        self.lease_renew_ms = self.sched_config.lease_renew_ms
+        region = extra.get("region_preference", "soft")
+        prompt = extra.get("prompt_text", "full")
+        if region not in ("soft", "strict") or prompt not in ("full", "short"):
+            raise ValueError('region_preference must be "soft" or "strict", prompt_text "full" or "short"')
+        self.strict_regions = region == "strict"
+        self.full_prompts = prompt == "full"
+        self.verify_restart = bool(extra.get("verify_restart", True))
 
     def _build(self) -> None:
         """A coordinator process: committer (with its aggregate cache), ledger facade and
@@ -420,7 +435,7 @@ class RealSystem:
             replayed = self.sched.recover()
         finally:
             self.muted = False
-        live = {self.job_no[str(j)] for j in self.core.jobs}
+        live = {self.job_no.get(str(j), -1) for j in self.core.jobs}
         after = self._balances(self.committer) if self.verify_restart else None
         info = {"t_s": now_ms / 1000, "events_replayed": replayed, "open_jobs": len(open_before),
                 "recovered_jobs": len(live), "lost_jobs": len(open_before - live),

@@ -36,14 +36,29 @@ def _json(out: str):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _ledger_activity() -> str:
+    """A consumer with credits, one settled and one released hold (earnings for an owner)."""
+    from api.settings import Settings
+    from api.wiring import build
+    from ledger.service import account_id_for_email
+
+    c = build(Settings.from_env())
+    try:
+        consumer = account_id_for_email("consumer@example.org")
+        owner = account_id_for_email("owner@example.org")
+        c.ledger.open_account(consumer, "consumer@example.org", kyc_verified=True, initial_grant_micro=100_000_000)
+        c.ledger.open_account(owner, "owner@example.org", kyc_verified=True)
+        c.ledger.place_hold(consumer, "h1", 20_000_000, reference="job:h1")
+        c.ledger.post_hold(consumer, "h1", 12_345_678, owner)
+        c.ledger.place_hold(consumer, "h2", 3_000_000, reference="job:h2")
+        c.ledger.release_hold(consumer, "h2", "cancelled")
+    finally:
+        c.close()
+    return str(consumer)
+
+
 def test_statement_balance_export_and_projection_commands(cli, store_config):
-    code, out, _ = cli("demo")
-    assert code == 0
-    consumer = None
-    for line in out.splitlines():
-        if "demo-consumer@archipelag.io" in line and ("created" in line or "exists" in line):
-            consumer = line.split(": ")[-1].strip()
-    assert consumer
+    consumer = _ledger_activity()
     assert cli("credits", "grant", consumer, "2.5", "--reason", "ticket 7")[0] == 0
 
     # statement: CSV lines sum to the balance; the last balance_after is the balance
