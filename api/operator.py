@@ -15,11 +15,12 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
-from litestar import Request, Router, get, post
+from litestar import MediaType, Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from api.errors import ApiError, not_found, validation_failed
+from api.schemas import encode
 from ledger import names
 from ledger.errors import AccountExists, LedgerError, UnknownAccount
 from ledger.pricing import credits_to_micro, micro_to_credits
@@ -83,6 +84,11 @@ def _amount(value: str | int, field: str = "amount") -> int:
     return micro
 
 
+def _ok(body: dict[str, Any], status: int = 200) -> Response:
+    """JSON with credits as exact numbers (msgspec decimal_format="number", never floats)."""
+    return Response(content=encode(body), status_code=status, media_type=MediaType.JSON)
+
+
 def operator_name(request: Request) -> str:
     return (request.headers.get("x-operator") or "operator").strip()[:64] or "operator"
 
@@ -116,7 +122,7 @@ def operator_router(services: Any) -> Router:
 
     # ---------------------------------------------------------------- accounts
     @post("/accounts", status_code=201)
-    async def create_account(data: CreateAccountBody) -> dict[str, Any]:
+    async def create_account(data: CreateAccountBody) -> Response:
         email = data.email.strip()
         if "@" not in email or len(email) > 254:
             raise validation_failed({"email": ["not an email address"]})
@@ -128,46 +134,46 @@ def operator_router(services: Any) -> Router:
         except AccountExists:
             raise ApiError(409, "account_exists", f"an account with email {email!r} exists") from None
         key, info = await services.keys.aissue(account_id, "default", None)
-        return {"data": {"account_id": bal.account_id, "email": bal.email, "credits": _credits(bal.spendable_micro),
-                         "kyc_verified": bal.kyc_verified, "api_key_id": info.key_id}, "api_key": key}
+        return _ok({"data": {"account_id": bal.account_id, "email": bal.email, "credits": _credits(bal.spendable_micro),
+                         "kyc_verified": bal.kyc_verified, "api_key_id": info.key_id}, "api_key": key}, 201)
 
     @post("/accounts/{account_id:str}/credits", status_code=200)
-    async def grant(request: Request, account_id: str, data: GrantBody) -> dict[str, Any]:
+    async def grant(request: Request, account_id: str, data: GrantBody) -> Response:
         acct = _uuid(account_id, "account")
         micro = _amount(data.amount)
         key = data.idempotency_key or f"grant:{uuid.uuid4()}"
         after = await in_thread(c.ledger.fund, acct, micro, code=names.GRANT,
                                 reference=f"operator:{operator_name(request)}", reason=_reason(data.reason),
                                 idem_key=key)
-        return {"data": {"account_id": str(acct), "granted": _credits(micro), "credits": _credits(after),
-                         "idempotency_key": key}}
+        return _ok({"data": {"account_id": str(acct), "granted": _credits(micro), "credits": _credits(after),
+                         "idempotency_key": key}})
 
     @post("/accounts/{account_id:str}/kyc", status_code=200)
-    async def kyc(request: Request, account_id: str, data: KycBody) -> dict[str, Any]:
+    async def kyc(request: Request, account_id: str, data: KycBody) -> Response:
         acct = _uuid(account_id, "account")
         changed = await in_thread(c.ledger.set_kyc, acct, data.verified, by=operator_name(request),
                                   reference=(data.reference or _reason(data.reason))[:MAX_REASON])
-        return {"data": {"account_id": str(acct), "kyc_verified": data.verified, "changed": changed}}
+        return _ok({"data": {"account_id": str(acct), "kyc_verified": data.verified, "changed": changed}})
 
     @post("/accounts/{account_id:str}/suspension", status_code=200)
-    async def suspend(request: Request, account_id: str, data: SuspendBody) -> dict[str, Any]:
+    async def suspend(request: Request, account_id: str, data: SuspendBody) -> Response:
         acct = _uuid(account_id, "account")
         changed = await in_thread(c.ledger.set_suspended, acct, data.suspended, by=operator_name(request),
                                   reason=_reason(data.reason))
-        return {"data": {"account_id": str(acct), "suspended": data.suspended, "changed": changed}}
+        return _ok({"data": {"account_id": str(acct), "suspended": data.suspended, "changed": changed}})
 
     @get("/accounts/{account_id:str}")
-    async def account(account_id: str) -> dict[str, Any]:
+    async def account(account_id: str) -> Response:
         acct = _uuid(account_id, "account")
         bal = await in_thread(c.ledger.balance, acct)
-        return {"data": {"account_id": bal.account_id, "email": bal.email, "credits": _credits(bal.spendable_micro),
+        return _ok({"data": {"account_id": bal.account_id, "email": bal.email, "credits": _credits(bal.spendable_micro),
                          "held": _credits(bal.held_micro), "spent": _credits(bal.spent_micro),
                          "kyc_verified": bal.kyc_verified, "suspended": bal.suspended,
-                         "free_tier_remaining": _credits(bal.free_tier_remaining_micro)}}
+                         "free_tier_remaining": _credits(bal.free_tier_remaining_micro)}})
 
     # ---------------------------------------------------------------- islands
     @get("/islands")
-    async def islands(limit: int = 100, offset: int = 0) -> dict[str, Any]:
+    async def islands(limit: int = 100, offset: int = 0) -> Response:
         if not 1 <= limit <= 1000 or offset < 0:
             raise validation_failed({"limit": ["1..1000"], "offset": [">= 0"]})
         rows = await asyncio.to_thread(reads().island_stats, limit=limit, offset=offset,
@@ -177,9 +183,9 @@ def operator_router(services: Any) -> Router:
             rec = live.get(str(row.get("island_id")))
             row["live"] = None if rec is None else {"online": rec.online, "active_jobs": len(rec.active),
                                                     "slots_total": rec.slots_total, "latency_ms": rec.latency_ms}
-        return {"data": rows}
+        return _ok({"data": rows})
 
-    async def _approval(request: Request, island_id: str, data: ReasonBody, approved: bool) -> dict[str, Any]:
+    async def _approval(request: Request, island_id: str, data: ReasonBody, approved: bool) -> Response:
         isl = _uuid(island_id, "island")
         from scheduler.commands import NotYourJob
 
@@ -188,18 +194,18 @@ def operator_router(services: Any) -> Router:
                                     reason=_reason(data.reason))
         except NotYourJob:
             raise not_found("island") from None
-        return {"data": {"island_id": str(isl), "approval": "approved" if approved else "suspended"}}
+        return _ok({"data": {"island_id": str(isl), "approval": "approved" if approved else "suspended"}})
 
     @post("/islands/{island_id:str}/approve", status_code=200)
-    async def approve(request: Request, island_id: str, data: ReasonBody) -> dict[str, Any]:
+    async def approve(request: Request, island_id: str, data: ReasonBody) -> Response:
         return await _approval(request, island_id, data, True)
 
     @post("/islands/{island_id:str}/suspend", status_code=200)
-    async def suspend_island(request: Request, island_id: str, data: ReasonBody) -> dict[str, Any]:
+    async def suspend_island(request: Request, island_id: str, data: ReasonBody) -> Response:
         return await _approval(request, island_id, data, False)
 
     # ---------------------------------------------------------------- cargos
-    async def _switch(request: Request, slug: str, data: ReasonBody, enabled: bool) -> dict[str, Any]:
+    async def _switch(request: Request, slug: str, data: ReasonBody, enabled: bool) -> Response:
         from scheduler.catalog import UnknownCargo
 
         try:
@@ -207,38 +213,38 @@ def operator_router(services: Any) -> Router:
                                               by=operator_name(request), reason=_reason(data.reason))
         except UnknownCargo:
             raise not_found("workload") from None
-        return {"data": {"slug": slug, "enabled": enabled, "changed": changed}}
+        return _ok({"data": {"slug": slug, "enabled": enabled, "changed": changed}})
 
     @post("/cargos/{slug:str}/enable", status_code=200)
-    async def enable(request: Request, slug: str, data: ReasonBody) -> dict[str, Any]:
+    async def enable(request: Request, slug: str, data: ReasonBody) -> Response:
         return await _switch(request, slug, data, True)
 
     @post("/cargos/{slug:str}/disable", status_code=200)
-    async def disable(request: Request, slug: str, data: ReasonBody) -> dict[str, Any]:
+    async def disable(request: Request, slug: str, data: ReasonBody) -> Response:
         return await _switch(request, slug, data, False)
 
     @get("/cargos")
-    async def cargos() -> dict[str, Any]:
-        return {"data": [{"slug": cg.slug, "id": cg.id, "enabled": cg.enabled} for cg in c.scheduler.catalog]}
+    async def cargos() -> Response:
+        return _ok({"data": [{"slug": cg.slug, "id": cg.id, "enabled": cg.enabled} for cg in c.scheduler.catalog]})
 
     # ---------------------------------------------------------------- ledger, queue, totals
     @get("/ledger/trial-balance")
-    async def trial_balance() -> dict[str, Any]:
+    async def trial_balance() -> Response:
         rows = await asyncio.to_thread(reads().trial_balance)
         total = sum(int(r.get("balance_micro", 0)) for r in rows)
-        return {"data": {"accounts": {r["ledger_account"]: _credits(r["balance_micro"]) for r in rows},
-                         "total": _credits(total), "balanced": total == 0}}
+        return _ok({"data": {"accounts": {r["ledger_account"]: _credits(r["balance_micro"]) for r in rows},
+                         "total": _credits(total), "balanced": total == 0}})
 
     @get("/ledger/statement/{account_id:str}")
-    async def statement(account_id: str, limit: int = 1000) -> dict[str, Any]:
+    async def statement(account_id: str, limit: int = 1000) -> Response:
         acct = _uuid(account_id, "account")
         if not 1 <= limit <= 10_000:
             raise validation_failed({"limit": ["1..10000"]})
         rows = await asyncio.to_thread(reads().statement, str(acct), limit=limit)
-        return {"data": rows}
+        return _ok({"data": rows})
 
     @get("/queue")
-    async def queue() -> dict[str, Any]:
+    async def queue() -> Response:
         core = c.scheduler.core
         with core.lock:
             depths = core.queue.depths()
@@ -247,13 +253,13 @@ def operator_router(services: Any) -> Router:
             for live in core.jobs.values():
                 if live.status == "queued":
                     oldest[live.cargo] = max(oldest.get(live.cargo, 0), now - live.submitted_ms)
-        return {"data": {cargo: {"depth": depths.get(cargo, 0), "oldest_wait_ms": oldest.get(cargo, 0)}
-                         for cargo in sorted(set(depths) | set(oldest))}}
+        return _ok({"data": {cargo: {"depth": depths.get(cargo, 0), "oldest_wait_ms": oldest.get(cargo, 0)}
+                         for cargo in sorted(set(depths) | set(oldest))}})
 
     @get("/platform/totals")
-    async def totals() -> dict[str, Any]:
+    async def totals() -> Response:
         raw = await asyncio.to_thread(reads().platform_totals)
-        return {"data": {k: (_credits(v) if k.endswith("_micro") else v) for k, v in raw.items()}}
+        return _ok({"data": {k: (_credits(v) if k.endswith("_micro") else v) for k, v in raw.items()}})
 
     return Router(path="/api/v1/admin", guards=[guard],
                   route_handlers=[create_account, grant, kyc, suspend, account, islands, approve, suspend_island,
