@@ -287,7 +287,7 @@ class RealSystem:
             return
         if status in ("queued", "assigned", "running", "pending"):
             return
-        no = self.job_no[job_id]
+        no = self.job_no.pop(job_id)  # ended: the scheduler never names it again
         charged = int(getattr(event, "charged_micro", 0) or 0)
         t = self.totals
         t[0] += charged

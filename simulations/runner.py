@@ -173,6 +173,10 @@ def run(res: Resolved, system: str | SystemUnderTest = "auto", *, out_dir: str |
                               wall_seconds=wall)
     if sink_file is not None:
         sink_file.close()
+    for r in (sut_report.get("system") or {}).get("restarts") or ():
+        notes.append(f"Coordinator restart at t={r['t_s']:g} s: {r['events_replayed']} events replayed, "
+                     f"{r['recovered_jobs']} of {r['open_jobs']} open Jobs recovered ({r['lost_jobs']} lost), "
+                     f"credit mismatches across the restart: {r['credit_mismatches']}.")
     if world.protocol_errors:
         notes.append(f"The system broke the simulator protocol {len(world.protocol_errors)} time(s); "
                      f"first: {world.protocol_errors[0]}")

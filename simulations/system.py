@@ -14,13 +14,16 @@ timeouts, settlement, karma. They talk only through two small interfaces:
 Jobs and Islands are named by small integers on this seam (``job_no``: arrival order;
 ``island_no``: index in the fleet). An adapter maps them to the real ids (UUIDs).
 
-Two implementations exist or are planned:
+Two implementations exist:
 
 * ``simulations.baseline.BareQueue`` - FIFO queue, first free slot, no rules (the
   reference "physics only" model and the speed baseline of ``python -m bench sim``);
-* ``simulations.real`` - the adapter around ``scheduler.service.Scheduler`` with the
-  embedded in-memory store, ledger and routing (lands with the scheduler; see
-  docs/SIMULATOR.md "What plugs in when the scheduler lands").
+* ``simulations.real.RealSystem`` - the adapter around ``scheduler.service.Scheduler``
+  with the embedded in-memory store, ledger and routing (docs/SIMULATOR.md "The real
+  system").
+
+The world reads ``heartbeat_interval_ms``, ``wants_progress`` and ``lease_renew_ms`` after
+``start``, so a SUT may set them from the scenario.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 * ``bare-queue``: ``simulations.baseline.BareQueue`` (no rules; always available);
 * ``real``: the real scheduler, ledger and routing through ``simulations.real`` (a module
-  exposing ``make_system() -> SystemUnderTest``), which lands with the scheduler;
+  exposing ``make_system() -> SystemUnderTest``);
 * ``auto`` (default): ``real`` when it can be imported, else ``bare-queue`` (the run's
   report and metrics name the system that actually ran).
 """

@@ -28,7 +28,7 @@ from scheduler.jobs import Job
 from simulations.metrics import deterministic_view, to_json
 from simulations.real import RealSystem
 from simulations.runner import run
-from simulations.scenario import SCENARIO_DIR, load_scenario, loads_scenario, scale_scenario, with_overrides
+from simulations.scenario import load_scenario, loads_scenario, scale_scenario, with_overrides
 from simulations.systems import make_system
 from simulations.world import COMPLETED, FIRST_TERMINAL
 from store.factory import iter_log
@@ -103,10 +103,6 @@ QUICK = {
 #: evening fleet rounds up (1 datacenter Island of 4 slots stands for 0.08) and the surge
 #: is much smaller.
 SCALE_DEPENDENT = {"evening_peak": {"queue_depth.max_over_capacity > 2"}, "azure_trace": {"jobs_total == 8819"}}
-#: Overrides of the real adapter per packaged scenario (none needed today).
-EXTRA: dict[str, dict] = {}
-
-
 def _with_extra(res, **extra):
     sc = res.scenario
     coordinator = msgspec.structs.replace(sc.coordinator, extra={**sc.coordinator.extra, **extra})
@@ -115,8 +111,7 @@ def _with_extra(res, **extra):
 
 def _quick(name: str):
     scale, duration = QUICK[name]
-    res = with_overrides(load_scenario(name), scale=scale, duration_s=duration)
-    return _with_extra(res, **EXTRA.get(name, {}))
+    return with_overrides(load_scenario(name), scale=scale, duration_s=duration)
 
 
 def _failed(result, skip=frozenset()):
@@ -240,9 +235,10 @@ def _share_of_penalised_islands_offered_again(result) -> float:
 
 
 @pytest.mark.skipif(not os.environ.get("SIM_FULL"), reason="full-size scenarios take minutes; set SIM_FULL=1")
+@pytest.mark.timeout(3600)  # evening_peak: ~774,000 Jobs, 10-25 minutes
 @pytest.mark.parametrize("name", ["baseline", "free_tier_abuse", "evening_peak", "azure_trace", "churn_faults"])
 def test_packaged_scenarios_at_full_size(name):
-    result = run(_with_extra(load_scenario(name), **EXTRA.get(name, {})), "real")
+    result = run(load_scenario(name), "real")
     _check_books(result)
     assert _failed(result) == []
 
