@@ -28,7 +28,9 @@ import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from hashlib import blake2b
 from typing import Any
+from uuid import UUID
 
 import msgspec
 from eventsourcing.domain import Aggregate
@@ -48,8 +50,32 @@ def _enc_hook(obj: Any) -> Any:
 _ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook, order="sorted")
 
 
-def canonical_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """The hashed part of an event's attributes (see the module docstring)."""
+# Values of these exact types are hashed as they are: no top-level conversion applies to
+# them (an aware datetime is the only value `canonical_fields` converts). Exact types, so
+# that a subclass (of datetime, or anything else) takes the general path.
+_PASS_THROUGH_TYPES = frozenset({str, int, float, bool, type(None), bytes, list, tuple, dict, set, frozenset, UUID})
+# Originator ids msgspec encodes exactly as `str(originator_id)` (canonical UUID text).
+_NATIVE_ID_TYPES = frozenset({UUID, str})
+# The last timestamp converted and its text: the events of one command share their time.
+# A tuple swapped as a whole, so readers in other threads always see a matching pair.
+_last_iso: tuple[datetime, str] = (datetime(1970, 1, 1, tzinfo=timezone.utc), "1970-01-01T00:00:00+00:00")
+
+
+def _utc_isoformat(value: datetime) -> str:
+    """`value.astimezone(timezone.utc).isoformat()` for an aware datetime (any zone)."""
+    global _last_iso  # noqa: PLW0603
+    if value.tzinfo is not timezone.utc:  # astimezone(utc) of a UTC datetime is itself
+        return value.astimezone(timezone.utc).isoformat()
+    last = _last_iso
+    if last[0] == value:  # equal UTC instants have equal UTC fields, hence equal text
+        return last[1]
+    text = value.isoformat()
+    _last_iso = (value, text)
+    return text
+
+
+def _canonical_fields_general(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The definition of `canonical_fields` (any values); the fast path must agree with it."""
     out: dict[str, Any] = {}
     for key, value in fields.items():
         if key in EXCLUDED:
@@ -60,10 +86,30 @@ def canonical_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def canonical_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The hashed part of an event's attributes (see the module docstring).
+
+    Fast path for the usual event: every top-level value is plain except an aware
+    `timestamp` of exact type datetime; anything else goes to the general definition."""
+    out = dict(fields)
+    out.pop("originator_id", None)
+    out.pop("originator_version", None)
+    out.pop("chain", None)
+    timestamp = out.get("timestamp")
+    if type(timestamp) is datetime and timestamp.tzinfo is not None:
+        out["timestamp"] = _utc_isoformat(timestamp)
+    if not _PASS_THROUGH_TYPES.issuperset(map(type, out.values())):
+        return _canonical_fields_general(fields)
+    return out
+
+
 def chain_hash(prev_hex: str, topic: str, originator_id: Any, version: int, fields: Mapping[str, Any]) -> str:
     """The chain hash of one event, given its stream's previous hash (hex, "" for version 1)."""
-    payload = _ENCODER.encode([CHAIN_TAG, prev_hex, topic, str(originator_id), version, canonical_fields(fields)])
-    return hashlib.blake2b(payload, digest_size=32).hexdigest()
+    # msgspec writes a UUID as its canonical text, i.e. the bytes of str(originator_id),
+    # without building the string in Python.
+    oid = originator_id if type(originator_id) in _NATIVE_ID_TYPES else str(originator_id)
+    payload = _ENCODER.encode([CHAIN_TAG, prev_hex, topic, oid, version, canonical_fields(fields)])
+    return blake2b(payload, digest_size=32).hexdigest()
 
 
 # ------------------------------------------------------------------ aggregates
@@ -88,8 +134,7 @@ class ChainedAggregate(Aggregate):
     def trigger_event(self, event_class: Any, **kwargs: Any) -> None:
         if kwargs.get("timestamp") is None:
             kwargs["timestamp"] = event_class.create_timestamp()
-        kwargs["chain"] = chain_hash(getattr(self, "chain_head", GENESIS), get_topic(event_class), self.id,
-                                     self.version + 1, kwargs)
+        kwargs["chain"] = chain_hash(self.chain_head, get_topic(event_class), self.id, self.version + 1, kwargs)
         super().trigger_event(event_class, **kwargs)
 
     @classmethod

@@ -14,6 +14,8 @@ from store.transcoder import MsgspecTranscoder
 POSTGRES_LOCK_TIMEOUT_S = 5
 MEMORY_URL = "memory:"
 TRANSCODER_TOPIC = f"{MsgspecTranscoder.__module__}:{MsgspecTranscoder.__qualname__}"
+MAPPER_TOPIC = "store.mapper:FastMapper"
+MEMORY_FACTORY_TOPIC = "store.memory_recorder:FastPOPOFactory"
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,12 @@ def eventsourcing_env(config: StoreConfig) -> dict[str, str]:
         "CREATE_TABLE": "y",
         # Our unit of work keeps its own aggregate cache; the library's would re-read per get.
         "AGGREGATE_CACHE_MAXSIZE": "",
+        # Same stored bytes as the library's mapper, fewer steps per event (store/mapper.py).
+        "MAPPER_TOPIC": MAPPER_TOPIC,
     }
     if config.is_memory:
-        env["PERSISTENCE_MODULE"] = "eventsourcing.popo"
+        # The library's in-memory store with a cheaper insert (store/memory_recorder.py).
+        env["PERSISTENCE_MODULE"] = MEMORY_FACTORY_TOPIC
     elif config.database_url:
         env.update(parse_postgres_url(config.database_url))
         env["PERSISTENCE_MODULE"] = "eventsourcing.postgres"

@@ -37,6 +37,7 @@ class MsgspecTranscoder(Transcoder):
 
     def __init__(self) -> None:
         self._encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+        self.encoder = self._encoder  # used directly by store.mapper.FastMapper (no wrapper call)
         self._decoder = msgspec.msgpack.Decoder(ext_hook=_ext_hook)
 
     def encode(self, obj: Any) -> bytes:

@@ -17,6 +17,9 @@ Failure isolation:
   each command then gets the outcome it would have had, and no command fails because
   another one conflicted. After `max_conflict_retries` the batch's commands fail with
   `CommitConflict` (never silently).
+
+Inline mode (`inline=True`: simulator, single-threaded tools) runs each command at once
+in the caller's thread, as a batch of one, and returns an already settled future.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures._base import FINISHED  # the state a finished Future holds (SettledFuture)
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from uuid import UUID
@@ -181,12 +185,13 @@ class GroupCommitter:
     def submit(self, command: Command, read_only: bool = False) -> Future:
         if self._closed:
             raise CommitterClosed("the committer is closed")
-        fut: Future = Future()
         if self.inline:
-            # Inline mode (simulator, single-threaded tools): run now in the caller's thread.
+            # Inline mode (simulator, single-threaded tools): run now in the caller's thread
+            # and hand back a future that is already settled.
             with self._inline_lock:
-                self._process([(command, fut, read_only)])
-            return fut
+                ok, value = self._run_inline(command, read_only)
+            return SettledFuture(ok, value)
+        fut: Future = Future()
         try:
             self._queue.put_nowait((command, fut, read_only))
         except queue.Full:
@@ -336,7 +341,7 @@ class GroupCommitter:
             io.shutdown(wait=True)
 
     def _give_up(self, items: list[tuple[Command, Future, bool]], attempts: int) -> None:
-        err = CommitConflict(f"version conflict persisted after {attempts} attempts")
+        err = _conflict_error(attempts)
         for _, fut, _ in items:
             if not fut.done():
                 fut.set_exception(err)
@@ -359,35 +364,9 @@ class GroupCommitter:
         uow = UnitOfWork(self, self.clock.now_ms())
         outcomes: list[tuple[Future, bool, Any]] = []
         for item in items:
-            command, fut, read_only = item
-            uow._begin_command()
-            uow.read_only = read_only
-            try:
-                result = command(uow)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                if uow._command_dirtied():
-                    raise _Poisoned(item, exc, list(uow._staged)) from None
-                if self.refresh_on_refusal and self._refresh(uow):
-                    # Another process may have moved what this command read (the cache is
-                    # per process): a refusal is only final on current state. Try once more.
-                    uow._begin_command()
-                    try:
-                        result = command(uow)
-                    except BaseException as exc2:  # noqa: BLE001
-                        if uow._command_dirtied():
-                            raise _Poisoned(item, exc2, list(uow._staged)) from None
-                        outcomes.append((fut, False, exc2))
-                        continue
-                    self.stats.refreshed += 1
-                    outcomes.append((fut, True, result))
-                    continue
-                outcomes.append((fut, False, exc))
-                continue
-            if read_only:
-                assert not uow._command_dirtied(), "a query changed state"
-            outcomes.append((fut, True, result))
-        events = [e for a in uow._staged.values() if a._pending_events  # type: ignore[attr-defined]
-                  for e in a.collect_events()]
+            ok, value = self._run_command(uow, item)
+            outcomes.append((item[1], ok, value))
+        events = _collect_events(uow)
         try:
             stored = [self.app.mapper.to_stored_event(e) for e in events]
         except BaseException as exc:
@@ -397,6 +376,34 @@ class GroupCommitter:
                 fut.set_exception(exc)
             return _Prepared([], [], [], [], {}, attempt)
         return _Prepared(items, outcomes, events, stored, uow._staged, attempt)
+
+    def _run_command(self, uow: UnitOfWork, item: tuple[Command, Any, bool]) -> tuple[bool, Any]:
+        """Run one command of a batch: (True, result) or (False, the refusal it raised
+        without changing anything). Raises `_Poisoned` if it raised after changing state."""
+        command, _, read_only = item
+        uow._begin_command()
+        uow.read_only = read_only
+        try:
+            result = command(uow)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            if uow._command_dirtied():
+                raise _Poisoned(item, exc, list(uow._staged)) from None
+            if self.refresh_on_refusal and self._refresh(uow):
+                # Another process may have moved what this command read (the cache is
+                # per process): a refusal is only final on current state. Try once more.
+                uow._begin_command()
+                try:
+                    result = command(uow)
+                except BaseException as exc2:  # noqa: BLE001
+                    if uow._command_dirtied():
+                        raise _Poisoned(item, exc2, list(uow._staged)) from None
+                    return False, exc2
+                self.stats.refreshed += 1
+                return True, result
+            return False, exc
+        if read_only:
+            assert not uow._command_dirtied(), "a query changed state"
+        return True, result
 
     def _refresh(self, uow: UnitOfWork) -> bool:
         """Bring the aggregates the failed command read up to date with the store (those
@@ -430,24 +437,11 @@ class GroupCommitter:
                     if not fut.done():
                         fut.set_exception(exc)
                 return None
-            assert ids is not None and len(ids) == len(prepared.events)
-            recordings = [
-                Recording(e, Notification(originator_id=s.originator_id, originator_version=s.originator_version,
-                                          topic=s.topic, state=s.state, id=n))
-                for e, s, n in zip(prepared.events, prepared.stored, ids, strict=True)
-            ]
+            recordings = _recordings(prepared.events, prepared.stored, ids)
         if recache:
-            for agg_id, agg in prepared.staged.items():
-                if agg_id not in self._cache:
-                    self._cache[agg_id] = agg
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self._recache(prepared.staged)
         self.stats.record(len(prepared.items), len(recordings))
-        for listener in self._listeners:
-            try:
-                listener(recordings)
-            except Exception:  # noqa: BLE001
-                log.exception("commit_listener_failed")
+        self._notify(recordings)
         for fut, ok, value in prepared.outcomes:
             if ok:
                 fut.set_result(value)
@@ -455,33 +449,67 @@ class GroupCommitter:
                 fut.set_exception(value)
         return None
 
-    def _process(self, batch: list[tuple[Command, Future, bool]]) -> None:
-        """Inline mode: prepare and commit one batch in the caller's thread."""
-        items = [it for it in batch if it[1].set_running_or_notify_cancel()]
-        attempt = 0
-        while items:
+    def _recache(self, staged: dict[UUID, BaseAggregate]) -> None:
+        """Put a committed batch's aggregates (back) in the cache: new ones, and loaded
+        ones the cache dropped while the batch ran."""
+        cache = self._cache
+        for agg_id, agg in staged.items():
+            if agg_id not in cache:
+                cache[agg_id] = agg
+        while len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+    def _notify(self, recordings: list[Recording]) -> None:
+        for listener in self._listeners:
             try:
-                prepared = self._prepare(items, attempt)
+                listener(recordings)
+            except Exception:  # noqa: BLE001
+                log.exception("commit_listener_failed")
+
+    def _run_inline(self, command: Command, read_only: bool) -> tuple[bool, Any]:
+        """Inline mode: prepare, insert and complete one command in the caller's thread,
+        with the outcomes, stats, cache updates and listener calls that `_prepare` and
+        `_complete` give a batch of one, without a future per step. Returns (True, result)
+        or (False, exception) for the caller's future."""
+        attempt = 0
+        while True:
+            uow = UnitOfWork(self, self.clock.now_ms())
+            try:
+                ok, value = self._run_command(uow, (command, None, read_only))
             except _Poisoned as poison:
                 self.stats.poisoned += 1
-                poison.item[1].set_exception(poison.exc)
-                items = [it for it in items if it is not poison.item]
                 self._evict(poison.staged)
-                continue
-            if prepared.stored:
-                prepared.io = Future()
+                return False, poison.exc
+            events = _collect_events(uow)
+            recordings: list[Recording] = []
+            if events:
                 try:
-                    prepared.io.set_result(self.app.recorder.insert_events(prepared.stored))
+                    stored = [self.app.mapper.to_stored_event(e) for e in events]
                 except BaseException as exc:  # noqa: BLE001
-                    prepared.io.set_exception(exc)
-            failed = self._complete(prepared, recache=True)
-            if failed is None:
-                return
-            attempt += 1
-            if attempt >= self.max_conflict_retries:
-                self._give_up(items, attempt)
-                return
-            time.sleep(self._jitter.uniform(0, min(0.05, 0.001 * (2 ** attempt))))
+                    # As `_prepare`: the batch is dropped (an empty one is still reported).
+                    self._evict(uow._staged)
+                    self.stats.record(0, 0)
+                    self._notify([])
+                    return False, exc
+                try:
+                    ids = self.app.recorder.insert_events(stored)
+                except IntegrityError:
+                    self.stats.conflicts += 1
+                    self._evict(uow._staged)
+                    log.info("commit_conflict_retry", attempt=attempt + 1, batch=1)
+                    attempt += 1
+                    if attempt >= self.max_conflict_retries:
+                        return False, _conflict_error(attempt)
+                    time.sleep(self._jitter.uniform(0, min(0.05, 0.001 * (2 ** attempt))))
+                    continue
+                except BaseException as exc:  # noqa: BLE001 - database down etc.
+                    self._evict(uow._staged)
+                    return False, exc
+                recordings = _recordings(events, stored, ids)
+            self._recache(uow._staged)
+            self.stats.record(1, len(recordings))
+            self._notify(recordings)
+            return ok, value
 
 
 @dataclass
@@ -501,3 +529,79 @@ class _Poisoned(Exception):
         self.item = item
         self.exc = exc
         self.staged = staged
+
+
+def _conflict_error(attempts: int) -> CommitConflict:
+    return CommitConflict(f"version conflict persisted after {attempts} attempts")
+
+
+def _collect_events(uow: UnitOfWork) -> list[Any]:
+    """Every new event of the unit of work, aggregate by aggregate (staging order)."""
+    return [e for a in uow._staged.values() if a._pending_events  # type: ignore[attr-defined]
+            for e in a.collect_events()]
+
+
+_new_object = object.__new__
+_set_attr = object.__setattr__
+
+
+def _recordings(events: list[Any], stored: list[Any], ids: Any) -> list[Recording]:
+    """What listeners get: each event with its notification (the id the insert assigned).
+
+    Recording and Notification are frozen dataclasses whose __init__ sets each field
+    with object.__setattr__; filling __dict__ at once builds the same objects (equal,
+    same repr and hash) for half the cost, as the library's own mapper does for events."""
+    assert ids is not None and len(ids) == len(events) == len(stored)
+    out: list[Recording] = []
+    for e, s, n in zip(events, stored, ids, strict=True):
+        notification = _new_object(Notification)
+        _set_attr(notification, "__dict__", {"originator_id": s.originator_id,
+                                             "originator_version": s.originator_version,
+                                             "topic": s.topic, "state": s.state, "id": n})
+        recording = _new_object(Recording)
+        _set_attr(recording, "__dict__", {"domain_event": e, "notification": notification})
+        out.append(recording)
+    return out
+
+
+class _NoWait:
+    """The condition of a `SettledFuture`: its state never changes after construction, so
+    there is nothing to wait for or lock (`result()` and friends return at once)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> _NoWait:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def acquire(self, *args: Any) -> bool:
+        return True
+
+    def release(self) -> None:
+        return None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return True
+
+    def notify_all(self) -> None:
+        return None
+
+
+_NO_WAIT = _NoWait()
+
+
+class SettledFuture(Future):
+    """A `concurrent.futures.Future` created already finished (inline mode): skips the
+    threading.Condition and the locked set_result of a plain Future. Every Future method
+    works on it (result, exception, done, add_done_callback, asyncio.wrap_future); setting
+    it again raises InvalidStateError, as for any finished future."""
+
+    def __init__(self, ok: bool, value: Any) -> None:  # noqa: D107 - no super().__init__: no Condition
+        self._condition = _NO_WAIT
+        self._state = FINISHED
+        self._result = value if ok else None
+        self._exception = None if ok else value
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []

@@ -1,0 +1,53 @@
+"""A mapper that writes the library's StoredEvent bytes for less per event.
+
+The library's `Mapper.to_stored_event` looks up the topic, copies the event's attributes,
+pops the id and version, adds `class_version` when above 1, encodes, then compresses and
+encrypts when configured. With our msgspec transcoder and neither compressor nor cipher
+(our configuration), this does the same steps without the generic branches and the
+transcoder's Python wrapper: the bytes are identical, so logs stay readable both ways.
+Anything else (another transcoder, a compressor or a cipher) takes the library's path.
+
+Infrastructure only: imports the event-sourcing library, nothing of ours but store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eventsourcing.persistence import Compressor, Mapper, StoredEvent, Transcoder
+from eventsourcing.utils import get_topic
+
+from store.transcoder import MsgspecTranscoder
+
+_new_object = object.__new__
+_set_attr = object.__setattr__
+
+
+class FastMapper(Mapper):
+    def __init__(self, transcoder: Transcoder, compressor: Compressor | None = None, cipher: Any = None) -> None:
+        super().__init__(transcoder=transcoder, compressor=compressor, cipher=cipher)
+        direct = type(transcoder) is MsgspecTranscoder and not compressor and not cipher
+        self._encode = transcoder.encoder.encode if direct else None
+        # event class -> (topic, class_version): both fixed per class
+        self._classes: dict[type, tuple[str, int]] = {}
+
+    def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        encode = self._encode
+        if encode is None:
+            return super().to_stored_event(domain_event)
+        cls = domain_event.__class__
+        known = self._classes.get(cls)
+        if known is None:
+            known = self._classes[cls] = (get_topic(cls), getattr(cls, "class_version", 1))
+        topic, class_version = known
+        state = dict(vars(domain_event))  # the library's copy, in the same key order
+        originator_id = state.pop("originator_id")
+        originator_version = state.pop("originator_version")
+        if class_version > 1:
+            state["class_version"] = class_version
+        # StoredEvent is a frozen dataclass whose __init__ sets each field with
+        # object.__setattr__; filling __dict__ at once builds the same (equal) object.
+        stored = _new_object(StoredEvent)
+        _set_attr(stored, "__dict__", {"originator_id": originator_id, "originator_version": originator_version,
+                                       "topic": topic, "state": encode(state)})
+        return stored
