@@ -370,20 +370,7 @@ async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
     """Clear `event` and wait for it at most `timeout_s`; False on timeout. Cheaper than
     `asyncio.wait_for` (no task per call), which matters at thousands of events per second."""
     event.clear()
-    loop = asyncio.get_running_loop()
-    timed_out = False
-
-    def expire() -> None:
-        nonlocal timed_out
-        timed_out = True
-        event.set()
-
-    handle = loop.call_later(timeout_s, expire)
-    try:
-        await event.wait()
-    finally:
-        handle.cancel()
-    return not timed_out
+    return await _wait_set(event, timeout_s)
 
 
 def _text(value: Any) -> str:

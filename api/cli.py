@@ -395,15 +395,21 @@ def _progress(label: str):
     return bar()
 
 
-def cmd_projections_rebuild(c, args) -> int:
-    from projections.rebuild import rebuild
+def _chosen_projections(args) -> list[str]:
+    """The projections a command names (`--name`), or all of them; a usage error if unknown."""
     from projections.runner import select_projections
-    from projections.sql import Database
 
     try:
-        chosen = [p.name for p in select_projections([args.name] if args.name else None)]
+        return [p.name for p in select_projections([args.name] if args.name else None)]
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
+
+
+def cmd_projections_rebuild(c, args) -> int:
+    from projections.rebuild import rebuild
+    from projections.sql import Database
+
+    chosen = _chosen_projections(args)
     db = Database(c.settings.store)
     try:
         with _progress(f"rebuild {' '.join(chosen)}") as bar:
@@ -417,13 +423,9 @@ def cmd_projections_rebuild(c, args) -> int:
 
 def cmd_projections_verify(c, args) -> int:
     from projections.rebuild import verify
-    from projections.runner import select_projections
     from projections.sql import Database
 
-    try:
-        chosen = [p.name for p in select_projections([args.name] if args.name else None)]
-    except KeyError as exc:
-        raise UsageError(str(exc.args[0])) from None
+    chosen = _chosen_projections(args)
     db = Database(c.settings.store)
     try:
         with _progress(f"verify {' '.join(chosen)}") as bar:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from simulations.baseline import BareQueue
@@ -40,6 +42,7 @@ class _Timed:
         self.sut = sut
         self.setup_s = 0.0
         self.setup_cpu_s = 0.0
+        self.setup_events = 0
         start = sut.start
 
         def timed_start(ctx: Any) -> None:
@@ -47,6 +50,8 @@ class _Timed:
             start(ctx)
             self.setup_s = time.perf_counter() - t
             self.setup_cpu_s = time.process_time() - c
+            committer = getattr(sut, "committer", None)  # the real system's: events of the setup
+            self.setup_events = committer.stats.events if committer is not None else 0
 
         sut.start = timed_start
 
@@ -66,9 +71,57 @@ def measure(res: Resolved, make: Callable[[], Any], repeat: int) -> dict[str, An
         if best is None or wall < best["wall_s"]:
             best = {"jobs": jobs, "events": events, "wall_s": wall, "cpu_s": cpu, "setup_s": timed.setup_s,
                     "jobs_per_s": jobs / wall, "cpu_jobs_per_s": jobs / cpu if cpu > 0 else None,
-                    "events_per_s": events / wall, "log_digest": world.log_digest(), "world": world}
+                    "events_per_s": events / wall, "setup_events": timed.setup_events,
+                    "log_digest": world.log_digest(), "world": world}
     assert best is not None
     return best
+
+
+def event_floor_us(events: int = 30_000, repeat: int = 3) -> dict[str, float]:
+    """What the event-sourcing library alone costs per event on the simulator's store, in
+    microseconds (median of ``repeat``): a plain ``eventsourcing`` aggregate with one
+    two-field event, no rules and none of our code (no hash chain, no unit of work) -
+    trigger (event object + apply), collect, map (``to_stored_event``: encode) and insert
+    into the in-memory recorder in batches of 5. Multiplied by the real system's events
+    per Job it gives a ceiling on Jobs/s that no amount of work on the rules can pass
+    while every Job is ~7 events of this library (see docs/SIMULATOR.md, "Speed")."""
+    from eventsourcing.domain import Aggregate
+
+    from store.factory import MEMORY_URL, StoreConfig, open_app
+
+    class Probe(Aggregate):
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        class Bumped(Aggregate.Event):
+            amount: int
+            note: str
+
+            def apply(self, agg: Any) -> None:
+                agg.n += self.amount
+
+    runs: list[dict[str, float]] = []
+    for _ in range(max(1, repeat)):
+        app = open_app(StoreConfig(database_url=MEMORY_URL, data_dir=Path(".")))
+        aggs = [Probe(0) for _ in range(100)]
+        for a in aggs:
+            a.collect_events()  # the creation events are not measured
+        t0 = time.perf_counter()
+        for i in range(events):
+            aggs[i % 100].trigger_event(Probe.Bumped, amount=1, note="x")
+        t1 = time.perf_counter()
+        pending = [e for a in aggs for e in a.collect_events()]
+        t2 = time.perf_counter()
+        stored = [app.mapper.to_stored_event(e) for e in pending]
+        t3 = time.perf_counter()
+        for k in range(0, len(stored), 5):
+            app.recorder.insert_events(stored[k:k + 5])
+        t4 = time.perf_counter()
+        assert len(stored) == events
+        runs.append({"trigger": t1 - t0, "collect": t2 - t1, "map": t3 - t2, "insert": t4 - t3})
+    out = {k: 1e6 * statistics.median(r[k] for r in runs) / events for k in runs[0]}
+    out["total"] = sum(out.values())
+    return out
 
 
 AREAS = (  # (label, path fragment) for --profile, first match wins
@@ -128,13 +181,23 @@ def main(argv: list[str] | None = None) -> dict:
           f"target {TARGET_REAL_JOBS_PER_S:,} Jobs/s")
     print(f"  per Job: {1e6 * real['wall_s'] / real['jobs']:,.0f} us wall; {m.stats['steps'] / real['jobs']:.2f} "
           f"dispatch steps, {m.stats['wakes'] / real['jobs']:.2f} timer wake-ups, "
-          f"{m.committer.stats.commands / real['jobs']:.2f} commands, {m.committer.stats.events / real['jobs']:.2f} "
-          f"events; system log digest {m.finish(real['world'].engine.now)['log_digest']}")
+          f"{m.committer.stats.commands / real['jobs']:.2f} commands, "
+          f"{(m.committer.stats.events - real['setup_events']) / real['jobs']:.2f} events; "
+          f"system log digest {m.finish(real['world'].engine.now)['log_digest']}")
     result.update(real_jobs_per_s=round(real["jobs_per_s"]), real_cpu_jobs_per_s=round(real["cpu_jobs_per_s"] or 0),
                   real_events_per_s=round(real["events_per_s"]), real_setup_s=round(real["setup_s"], 3),
                   real_us_per_job=round(1e6 * real["wall_s"] / real["jobs"]), real_vs_bare=round(ratio, 5),
                   meets_target=real["jobs_per_s"] >= TARGET_REAL_JOBS_PER_S, log_digest_bare=bare["log_digest"],
                   log_digest_real=real["log_digest"])
+    floor = event_floor_us()
+    events_per_job = (m.committer.stats.events - real["setup_events"]) / real["jobs"]
+    ceiling = 1e6 / (floor["total"] * events_per_job)
+    print(f"  event-sourcing library floor: {floor['total']:.2f} us per event (trigger {floor['trigger']:.2f}, "
+          f"collect {floor['collect']:.2f}, map {floor['map']:.2f}, insert {floor['insert']:.2f}); x "
+          f"{events_per_job:.2f} events per Job = {floor['total'] * events_per_job:.0f} us per Job before any "
+          f"rule runs: ceiling {ceiling:,.0f} Jobs/s; real rules reach {real['jobs_per_s'] / ceiling:.2f} of it")
+    result.update(event_floor_us=round(floor["total"], 3), events_per_job=round(events_per_job, 3),
+                  event_floor_ceiling_jobs_per_s=round(ceiling), real_vs_ceiling=round(real["jobs_per_s"] / ceiling, 4))
     if args.profile:
         split = profile_real(res)
         print("  where the real system's time goes (cProfile self time):")
