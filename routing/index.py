@@ -251,6 +251,9 @@ class CandidateIndex:
         self._bases: dict[str, dict[str, float]] = {}
         self._pools: dict[tuple[str, str | None], _Pools] = {}
         self._warm: dict[tuple[str, str], _Warm] = {}
+        # cargo -> [(model, pools[(cargo, model)], warm[(cargo, model)])] of the materialized
+        # pairs: linking visits the pairs that exist, not every model an Island has.
+        self._pairs: dict[str, list[tuple[str, _Pools, _Warm]]] = {}
         self._n_online = 0
         self._n_online_approved = 0
         self._n_available = 0
@@ -311,25 +314,38 @@ class CandidateIndex:
         load_permille: int | None = None,
         latency_ms: int | None = None,
         warm_models: frozenset[str] | None = None,
+        slots_total: int | None = None,
+        online: bool | None = None,
     ) -> None:
-        """Apply a heartbeat's live state; ``None`` leaves a field unchanged. Raises
+        """Apply a heartbeat's live state; ``None`` leaves a field unchanged, and so does
+        a value equal to the current one (nothing to do if nothing differs). Raises
         KeyError for an unknown Island, ValueError for out-of-range values."""
         old = self._islands[island_id]
         changes: dict[str, object] = {}
+        if slots_total is not None and slots_total != old.slots_total:
+            if slots_total < 0:
+                raise ValueError(f"{island_id}: negative slots_total={slots_total}")
+            changes["slots_total"] = slots_total
+        total = old.slots_total if slots_total is None else slots_total
         if slots_free is not None:
-            if not 0 <= slots_free <= old.slots_total:
-                raise ValueError(f"{island_id}: slots_free={slots_free} outside 0..{old.slots_total}")
-            changes["slots_free"] = slots_free
-        if load_permille is not None:
+            if not 0 <= slots_free <= total:
+                raise ValueError(f"{island_id}: slots_free={slots_free} outside 0..{total}")
+            if slots_free != old.slots_free:
+                changes["slots_free"] = slots_free
+        elif not old.slots_free <= total:
+            raise ValueError(f"{island_id}: slots_free={old.slots_free} outside 0..slots_total={total}")
+        if load_permille is not None and load_permille != old.load_permille:
             if not 0 <= load_permille <= 1000:
                 raise ValueError(f"{island_id}: load_permille={load_permille} outside 0..1000")
             changes["load_permille"] = load_permille
-        if latency_ms is not None:
+        if latency_ms is not None and latency_ms != old.latency_ms:
             if latency_ms < 0:
                 raise ValueError(f"{island_id}: negative latency_ms")
             changes["latency_ms"] = latency_ms
-        if warm_models is not None:
+        if warm_models is not None and warm_models != old.warm_models:
             changes["warm_models"] = frozenset(warm_models)
+        if online is not None and online != old.online:
+            changes["online"] = online
         if changes:
             self._replace(old, msgspec.structs.replace(old, **changes))
 
@@ -351,14 +367,31 @@ class CandidateIndex:
         old = self._islands[island_id]
         if old.slots_free <= 0:
             raise ValueError(f"{island_id}: no free slot to take")
-        self._replace(old, msgspec.structs.replace(old, slots_free=old.slots_free - 1))
+        self.set_slots_free(island_id, old.slots_free - 1)
 
     def release_slot(self, island_id: str) -> None:
         """An assignment ended: one slot more, capped at ``slots_total`` (a heartbeat may
         already have reported the slot free; the Island's report wins)."""
         old = self._islands[island_id]
         if old.slots_free < old.slots_total:
-            self._replace(old, msgspec.structs.replace(old, slots_free=old.slots_free + 1))
+            self.set_slots_free(island_id, old.slots_free + 1)
+
+    def set_slots_free(self, island_id: str, slots_free: int) -> None:
+        """Free slots as the caller counts them (the registry, on every reservation and
+        release). Scores and list bounds do not depend on free slots, only availability
+        does: an Island that stays available (or unavailable) costs one dict write, one
+        that becomes (un)available is linked (unlinked). Raises KeyError for an unknown
+        Island, ValueError outside 0..slots_total."""
+        old = self._islands[island_id]
+        if old.slots_free == slots_free:
+            return
+        if not 0 <= slots_free <= old.slots_total:
+            raise ValueError(f"{island_id}: slots_free={slots_free} outside 0..{old.slots_total}")
+        new = msgspec.structs.replace(old, slots_free=slots_free)
+        if is_available(new) == is_available(old):
+            self._islands[island_id] = new  # same lists, same counters, same bounds
+        else:
+            self._relink(old, new)
 
     def set_weights(self, weights: Weights) -> None:
         """Change the score weights: re-sorts every list (O(n log n); configuration reload
@@ -528,8 +561,8 @@ class CandidateIndex:
         region = island.region
         weights = self._weights
         pools = self._pools
-        warm = self._warm
         islands = self._islands
+        pairs = self._pairs
         models = island.models
         warm_models = island.warm_models
         bases: dict[str, float] = {}
@@ -540,12 +573,10 @@ class CandidateIndex:
             if by_region is None:
                 by_region = pools[(cargo, None)] = {}
             _add(by_region, region, cargo, entry, island, islands)
-            for model in models:
-                by_region = pools.get((cargo, model))
-                if by_region is not None:  # materialized: someone asked for this pair
+            for model, by_region, by_warm in pairs.get(cargo, ()):  # materialized: someone asked for it
+                if model in models:
                     _add(by_region, region, cargo, entry, island, islands)
                     if model in warm_models:
-                        by_warm = warm[(cargo, model)]
                         entries = by_warm.get(region)
                         if entries is None:
                             by_warm[region] = SortedList([entry])
@@ -561,18 +592,16 @@ class CandidateIndex:
         island_id = island.island_id
         region = island.region
         pools = self._pools
-        warm = self._warm
+        pairs = self._pairs
         models = island.models
         warm_models = island.warm_models
         for cargo, base in bases.items():
             entry = (-base, island_id)
             _discard(pools[(cargo, None)], region, entry)
-            for model in models:
-                by_region = pools.get((cargo, model))
-                if by_region is not None:
+            for model, by_region, by_warm in pairs.get(cargo, ()):
+                if model in models:
                     _discard(by_region, region, entry)
                     if model in warm_models:
-                        by_warm = warm[(cargo, model)]
                         entries = by_warm[region]
                         entries.remove(entry)
                         if not entries:
@@ -585,6 +614,7 @@ class CandidateIndex:
         list, so Islands are never indexed under pairs nobody asks for (e.g. a Cargo
         crossed with another Cargo's model). O(pool) once per pair; the number of pairs
         is bounded by the catalog (the API accepts only catalog Cargos and models)."""
+        assert (cargo, model) not in self._pools, (cargo, model)
         islands = self._islands
         pools: _Pools = {}
         warm: _Warm = {}
@@ -597,6 +627,7 @@ class CandidateIndex:
                 warm[region] = SortedList(loaded)
         self._pools[(cargo, model)] = pools
         self._warm[(cargo, model)] = warm
+        self._pairs.setdefault(cargo, []).append((model, pools, warm))
         return pools
 
     def _replace(self, old: IslandView, new: IslandView) -> None:
@@ -610,23 +641,63 @@ class CandidateIndex:
             and new.cargos == old.cargos
             and new.models == old.models
             and new.region == old.region
-            # attributes the pools' bounds cover
-            and new.latency_ms == old.latency_ms
-            and new.karma_milli == old.karma_milli
-            and new.vram_mb == old.vram_mb
-            and new.ram_mb == old.ram_mb
-            and new.hardware_tier == old.hardware_tier
-            and new.platform == old.platform
-            and new.ask_micro == old.ask_micro
         ):
-            # Same lists, same bounds: only a changed base score would move it.
-            weights = self._weights
-            if all(base_score(new, cargo, weights) == base for cargo, base in bases.items()):
-                self._islands[island_id] = new  # counters unchanged: available before and after
-                return
+            # Available before and after, in the same lists (counters unchanged): at most
+            # its entries move within them (karma, load, latency, ask changed).
+            if (
+                # attributes the pools' bounds cover
+                new.latency_ms == old.latency_ms
+                and new.karma_milli == old.karma_milli
+                and new.vram_mb == old.vram_mb
+                and new.ram_mb == old.ram_mb
+                and new.hardware_tier == old.hardware_tier
+                and new.platform == old.platform
+                and new.ask_micro == old.ask_micro
+            ):
+                # Same bounds: only a changed base score would move it.
+                weights = self._weights
+                if all(base_score(new, cargo, weights) == base for cargo, base in bases.items()):
+                    self._islands[island_id] = new
+                    return
+            self._move(new, bases)
+            return
+        self._relink(old, new)
+
+    def _move(self, new: IslandView, bases: dict[str, float]) -> None:
+        """Re-sort an available Island inside the lists it already is in (same cargos,
+        models, warm models and region; only scores or bounded attributes changed):
+        cheaper than unlinking and linking it. Bounds are widened with the new values."""
+        island_id = new.island_id
+        region = new.region
+        weights = self._weights
+        pools = self._pools
+        models = new.models
+        warm_models = new.warm_models
+        moved: dict[str, float] = {}
+        for cargo, old_base in bases.items():
+            base = moved[cargo] = base_score(new, cargo, weights)
+            old_entry = (-old_base, island_id)
+            entry = (-base, island_id)
+            pool = pools[(cargo, None)][region]
+            pool.entries.remove(old_entry)
+            pool.add(entry, new)
+            for model, by_region, by_warm in self._pairs.get(cargo, ()):
+                if model in models:
+                    pool = by_region[region]
+                    pool.entries.remove(old_entry)
+                    pool.add(entry, new)
+                    if model in warm_models:
+                        entries = by_warm[region]
+                        entries.remove(old_entry)
+                        entries.add(entry)
+        self._islands[island_id] = new
+        self._bases[island_id] = moved
+
+    def _relink(self, old: IslandView, new: IslandView) -> None:
+        """Replace ``old`` by ``new`` the general way: out of every list and counter, in again."""
         self._count(old, -1)
         self._unlink(old)
-        self._islands[island_id] = new
+        self._islands[new.island_id] = new
         self._count(new, 1)
         self._link(new)
 
@@ -649,6 +720,7 @@ class CandidateIndex:
             for cargo, by in lists.items()
         }
         self._warm = {}
+        self._pairs = {}
         for cargo, model in pairs:
             self._materialize(cargo, model)  # type: ignore[arg-type]
 

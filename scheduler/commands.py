@@ -107,7 +107,8 @@ def submit_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConf
     expires = uow.now_ms + sched.queue_timeout_ms * (sched.max_attempts + 1) + sched.lease_ms * sched.max_attempts \
         + ledger_config.hold_ttl_ms
     cargo = admitted.cargo
-    place_hold_in(uow, ledger_config, account_id, str(job_id), admitted.hold_micro, reference=f"job:{job_id}",
+    job_key = str(job_id)
+    place_hold_in(uow, ledger_config, account_id, job_key, admitted.hold_micro, reference=f"job:{job_key}",
                   expires_at_ms=expires, requires_kyc=cargo.requires_kyc, free_tier_allowed=cargo.free_tier)
     job = Job._create(Job.Submitted, id=job_id, account_id=str(account_id), cargo=cargo.slug, cargo_id=cargo.id,
                       kind=cargo.kind, model=admitted.model, input=admitted.input_dict, prefs=admitted.prefs,

@@ -58,6 +58,8 @@ CARGO_TOPICS = (get_topic(CargoSwitch.Switched),)
 SCHEDULER_TOPICS = JOB_TOPICS + ISLAND_TOPICS + CARGO_TOPICS
 _SCHEDULER_EVENTS = (Job.Event, Island.Event, CargoSwitch.Switched)
 EXPECTED_RACES = (IllegalTransition, cmd.NotYourJob, cmd.UnknownJob)
+_TERMINAL_STATUS = {Job.Completed: "completed", Job.Failed: "failed", Job.Cancelled: "cancelled",
+                    Job.TimedOut: "timeout"}
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class LiveJob:
     epoch: int = 0  # bumped on each transition; timers carry it to detect staleness
     queued_ms: int = 0  # when it entered the queue (submission, or a batch child's release)
     parent_id: str = ""
+    key: str = ""  # str(job_id), computed once: listeners are called with it on every event
 
 
 class LeaderLock(Protocol):
@@ -162,6 +165,12 @@ class DispatchCore:
         self.rng = random.Random(config.routing_seed)
         self.position = 0  # last scheduler event applied
         self._timers: list[tuple[int, int, int, UUID, int]] = []
+        # Work a dispatch round could act on appeared after this step's round (its own
+        # timer commands re-queued Jobs or freed slots, or the round hit its batch
+        # limit): `next_timer_ms` asks for another round at once instead of leaving it
+        # to whatever step comes next.
+        self._dispatchable_changes = 0
+        self._redispatch_ms: int | None = None
         self._timer_seq = 0
         self.log_position = 0  # every event up to here has been seen (applied or not ours)
         self._buffer: deque[tuple[int, int, list[tuple[int, Any]]]] = deque()
@@ -181,7 +190,8 @@ class DispatchCore:
                     if isinstance(r.domain_event, _SCHEDULER_EVENTS)]
             with self._buffer_lock:
                 self._buffer.append((recordings[0].notification.id, recordings[-1].notification.id, mine))
-        self.wake.set()
+        if not self.wake.is_set():  # set() takes a lock and notifies; most commits find it set already
+            self.wake.set()
 
     def catch_up(self, now_ms: int, *, force_db: bool = False) -> int:
         """Apply every scheduler event after `log_position`, in log order; return how many.
@@ -248,12 +258,12 @@ class DispatchCore:
         if isinstance(ev, Job.Submitted):
             live = LiveJob(job_id=job_id, account_id=ev.account_id, cargo=ev.cargo, kind=ev.kind, model=ev.model,
                            input=ev.input, needs=self._needs(ev), submitted_ms=datetime_to_ms(ev.timestamp),
-                           status=ev.status, parent_id=ev.parent_id)
+                           status=ev.status, parent_id=ev.parent_id, key=str(job_id))
             self.jobs[job_id] = live
             live.queued_ms = live.submitted_ms
             if ev.status == QUEUED:
                 self._enqueue(live)
-            self.listener.job_changed(str(job_id), ev.status, ev)
+            self.listener.job_changed(live.key, ev.status, ev)
             return
         live = self.jobs.get(job_id)
         if live is None:
@@ -273,10 +283,10 @@ class DispatchCore:
             self.registry.reserve(ev.island_id, job_id)
             self._timer(ev.ack_deadline_ms, ACK, live)
             if self.leader.is_leader():
-                self.listener.offer(ev.island_id, JobOffer(str(job_id), live.cargo, live.model, live.kind,
+                self.listener.offer(ev.island_id, JobOffer(live.key, live.cargo, live.model, live.kind,
                                                            live.input, ev.ack_deadline_ms, self.config.lease_ms))
         elif isinstance(ev, (Job.OfferDeclined, Job.Requeued)):
-            self.registry.release(ev.island_id, job_id)
+            self.registry.release(ev.island_id, job_id)  # _enqueue below notes it
             live.excluded = live.excluded | {ev.island_id}
             live.island_id = ""
             live.status = QUEUED
@@ -291,16 +301,16 @@ class DispatchCore:
             self.queue.remove(job_id)
             if live.island_id:
                 self.registry.release(live.island_id, job_id)
+                self._dispatchable_changes += 1
                 if isinstance(ev, Job.Cancelled) and ev.stage in (ASSIGNED, RUNNING):
-                    self.listener.cancel(live.island_id, str(job_id))
-            status = {Job.Completed: "completed", Job.Failed: "failed", Job.Cancelled: "cancelled",
-                      Job.TimedOut: "timeout"}[type(ev)]
-            self.listener.job_changed(str(job_id), status, ev)  # listeners may still look the Job up
+                    self.listener.cancel(live.island_id, live.key)
+            self.listener.job_changed(live.key, _TERMINAL_STATUS[type(ev)], ev)  # listeners may still look the Job up
             del self.jobs[job_id]
             return
-        self.listener.job_changed(str(job_id), live.status, ev)
+        self.listener.job_changed(live.key, live.status, ev)
 
     def _enqueue(self, live: LiveJob, front: bool = False) -> None:
+        self._dispatchable_changes += 1
         self.queue.push(live.cargo, live.account_id, live.job_id, front=front)
         self._timer(live.queued_ms + self.config.queue_timeout_ms, QUEUE_TIMEOUT, live)
 
@@ -325,7 +335,20 @@ class DispatchCore:
         heapq.heappush(self._timers, (due_ms, self._timer_seq, kind, live.job_id, live.epoch))
 
     def next_timer_ms(self) -> int | None:
-        return self._timers[0][0] if self._timers else None
+        """When the earliest timer that can still act is due (None: no timer). Dead
+        heads - their Job gone or moved on (epoch) - are dropped here rather than waking
+        the caller for nothing; `_due_timer_commands` would skip exactly these."""
+        timers = self._timers
+        jobs = self.jobs
+        with self.lock:
+            while timers:
+                _, _, _, job_id, epoch = timers[0]
+                live = jobs.get(job_id)
+                if live is not None and live.epoch == epoch:
+                    due = timers[0][0]
+                    return due if self._redispatch_ms is None else min(due, self._redispatch_ms)
+                heapq.heappop(timers)
+        return self._redispatch_ms
 
     def _due_timer_commands(self, now_ms: int) -> list[Callable]:
         out: list[Callable] = []
@@ -386,6 +409,7 @@ class DispatchCore:
             return 0
         issued = 0
         with self.lock:
+            self._redispatch_ms = None
             self._offline_check(now_ms)
             timer_cmds = self._due_timer_commands(now_ms)
             decisions = self._decide(now_ms)
@@ -415,7 +439,11 @@ class DispatchCore:
                 if ctx is not None:
                     self._undo_reservation(*ctx)
         if issued:
+            before = self._dispatchable_changes
             self.catch_up(now_ms)
+            with self.lock:
+                if self._dispatchable_changes != before or len(decisions) >= self.config.dispatch_batch_max:
+                    self._redispatch_ms = now_ms
         return issued
 
     def _undo_reservation(self, live: LiveJob, island_id: str) -> None:

@@ -4,6 +4,7 @@ incrementally."""
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -14,6 +15,10 @@ from routing.types import IslandView
 
 MAX_CARGOS = 64
 MAX_MODELS = 256
+#: Bound of the heartbeat heap, in entries per known Island (plus a constant): beyond it
+#: the heap is rebuilt from the records (one entry per online Island). Steady state is
+#: about ``missed_heartbeats_offline + 1`` entries per Island, so a rebuild is rare.
+MAX_BEATS_PER_ISLAND = 8
 
 
 class BadCapabilities(ValueError):
@@ -84,13 +89,16 @@ class IslandRecord:
     latency_ms: int = 50
     warm_models: frozenset[str] = frozenset()
     active: set[UUID] = field(default_factory=set)  # Jobs assigned to or running on it
+    ordinal: int = 0  # registration order (stale Islands are reported in this order)
+
+    def slots_free(self) -> int:
+        return max(0, self.slots_total - len(self.active))
 
     def view(self) -> IslandView:
         caps = self.capabilities
         return IslandView(
             island_id=self.island_id, owner_account_id=self.owner_account_id, online=self.online,
-            approved=self.approved, slots_total=self.slots_total,
-            slots_free=max(0, self.slots_total - len(self.active)),
+            approved=self.approved, slots_total=self.slots_total, slots_free=self.slots_free(),
             cargos=frozenset(caps.get("cargos", ())), models=frozenset(caps.get("models", ())),
             warm_models=self.warm_models, vram_mb=caps.get("vram_mb", 0), ram_mb=caps.get("ram_mb", 0),
             region=caps.get("region", "unknown"), platform=caps.get("platform", "linux"),
@@ -103,15 +111,34 @@ class Registry:
     def __init__(self, index: CandidateIndex) -> None:
         self.index = index
         self.islands: dict[str, IslandRecord] = {}
+        # Min-heap of (last_heartbeat_ms, island_id), lazily invalidated: an entry is live
+        # while its Island is online with that very last_heartbeat_ms. Invariant: every
+        # online Island has its live entry in the heap. Lets `stale` look only at the
+        # oldest heartbeats instead of scanning the fleet on every dispatch step.
+        self._beats: list[tuple[int, str]] = []
 
     def _sync(self, rec: IslandRecord) -> None:
+        """Everything about the Island to the index (registration, approval, capabilities)."""
         self.index.upsert(rec.view())
+
+    def _sync_live(self, rec: IslandRecord) -> None:
+        """Only the live fields to the index (heartbeats, offline): no view is rebuilt and
+        unchanged fields cost nothing there."""
+        self.index.update_live(rec.island_id, online=rec.online, slots_total=rec.slots_total,
+                               slots_free=rec.slots_free(), load_permille=rec.load_permille,
+                               latency_ms=rec.latency_ms, warm_models=rec.warm_models)
+
+    def check_index(self) -> None:
+        """The index holds exactly every record's view (tests and debugging; O(n))."""
+        assert len(self.index) == len(self.islands), (len(self.index), len(self.islands))
+        for island_id, rec in self.islands.items():
+            assert self.index.get(island_id) == rec.view(), island_id
 
     def register(self, island_id: str, owner: str, name: str, capabilities: dict[str, Any], approved: bool) -> None:
         rec = self.islands.get(island_id)
         if rec is None:
             rec = IslandRecord(island_id, owner, name, capabilities, approved,
-                               slots_total=capabilities.get("slots", 1))
+                               slots_total=capabilities.get("slots", 1), ordinal=len(self.islands))
             self.islands[island_id] = rec
         else:
             rec.capabilities, rec.approved = capabilities, approved
@@ -144,37 +171,70 @@ class Registry:
         if rec is None:
             return False
         came_online = not rec.online
+        if came_online or rec.last_heartbeat_ms != now_ms:  # else its live entry is in the heap already
+            self._push_beat(now_ms, island_id)
         rec.online = True
         rec.last_heartbeat_ms = now_ms
-        if slots_total is not None:
+        changed = came_online
+        if slots_total is not None and slots_total != rec.slots_total:
             rec.slots_total = slots_total
-        if load_permille is not None:
+            changed = True
+        if load_permille is not None and load_permille != rec.load_permille:
             rec.load_permille = load_permille
-        if latency_ms is not None:
+            changed = True
+        if latency_ms is not None and latency_ms != rec.latency_ms:
             rec.latency_ms = latency_ms
-        if warm_models is not None:
-            rec.warm_models = warm_models
-        self._sync(rec)
+            changed = True
+        if warm_models is not None and warm_models != rec.warm_models:
+            rec.warm_models = frozenset(warm_models)  # as the index keeps it
+            changed = True
+        if changed:  # most heartbeats only say "still here": nothing for the index
+            self._sync_live(rec)
         return came_online
 
     def set_offline(self, island_id: str) -> None:
         rec = self.islands.get(island_id)
         if rec is not None and rec.online:
             rec.online = False
-            self._sync(rec)
+            self.index.set_online(island_id, False)
 
     def stale(self, now_ms: int, offline_after_ms: int) -> list[str]:
-        return [r.island_id for r in self.islands.values()
-                if r.online and now_ms - r.last_heartbeat_ms > offline_after_ms]
+        """Online Islands whose last heartbeat is older than ``offline_after_ms``, in
+        registration order. O((stale + dead entries) log n): only the heap's old head is
+        visited. The reported Islands' entries are pushed back, so an Island the caller
+        leaves online is reported again next time (same answer as a full scan)."""
+        beats = self._beats
+        islands = self.islands
+        # Keyed by id: a live entry may have a twin (offline, then back in the same ms).
+        found: dict[str, IslandRecord] = {}
+        while beats and now_ms - beats[0][0] > offline_after_ms:
+            beat_ms, island_id = heapq.heappop(beats)
+            rec = islands[island_id]
+            if rec.online and rec.last_heartbeat_ms == beat_ms:
+                found[island_id] = rec
+        if not found:
+            return []
+        for rec in found.values():
+            heapq.heappush(beats, (rec.last_heartbeat_ms, rec.island_id))
+        return [r.island_id for r in sorted(found.values(), key=lambda r: r.ordinal)]
+
+    def _push_beat(self, now_ms: int, island_id: str) -> None:
+        beats = self._beats
+        if len(beats) >= MAX_BEATS_PER_ISLAND * len(self.islands) + 64:
+            # Rebuild from the records: drops every dead entry, keeps the invariant.
+            beats[:] = [(r.last_heartbeat_ms, r.island_id) for r in self.islands.values() if r.online]
+            heapq.heapify(beats)
+        heapq.heappush(beats, (now_ms, island_id))
+        assert len(beats) <= MAX_BEATS_PER_ISLAND * len(self.islands) + 64, len(beats)
 
     def reserve(self, island_id: str, job_id: UUID) -> None:
         rec = self.islands.get(island_id)
         if rec is not None and job_id not in rec.active:
             rec.active.add(job_id)
-            self._sync(rec)
+            self.index.set_slots_free(island_id, rec.slots_free())
 
     def release(self, island_id: str, job_id: UUID) -> None:
         rec = self.islands.get(island_id)
         if rec is not None and job_id in rec.active:
             rec.active.discard(job_id)
-            self._sync(rec)
+            self.index.set_slots_free(island_id, rec.slots_free())

@@ -83,6 +83,12 @@ def job_view(job: Job) -> JobView:
                    batch_index=job.batch_index, attempts=job.attempts, score=job.score)
 
 
+def job_view_if(job: Job, view: bool) -> JobView | None:
+    """The Job's view, or None when the caller said it will not read it (`view=False`):
+    building a view costs more than some commands' own work."""
+    return job_view(job) if view else None
+
+
 @dataclass(frozen=True)
 class IslandCredentials:
     island_id: str
@@ -316,16 +322,17 @@ class Scheduler:
         self.core.heartbeat(island_id, self.clock.now_ms(), slots_total=slots_total, load_permille=load_permille,
                             latency_ms=latency_ms, warm_models=warm_models)
 
-    def accept(self, island_id: str, job_id: UUID) -> JobView:
+    def accept(self, island_id: str, job_id: UUID, *, view: bool = True) -> JobView | None:
+        """The Island takes the offered Job. ``view=False``: return None (no JobView built)."""
         deadline = self.clock.now_ms() + self.config.lease_ms
-        return self._run(lambda uow: job_view(cmd.accept_in(uow, job_id, island_id, deadline)))
+        return self._run(lambda uow: job_view_if(cmd.accept_in(uow, job_id, island_id, deadline), view))
 
     def accept_future(self, island_id: str, job_id: UUID) -> Future:
         deadline = self.clock.now_ms() + self.config.lease_ms
         return self._future(lambda uow: job_view(cmd.accept_in(uow, job_id, island_id, deadline)))
 
-    def reject(self, island_id: str, job_id: UUID) -> JobView:
-        return self._run(lambda uow: job_view(cmd.reject_in(uow, self.config, job_id, island_id)))
+    def reject(self, island_id: str, job_id: UUID, *, view: bool = True) -> JobView | None:
+        return self._run(lambda uow: job_view_if(cmd.reject_in(uow, self.config, job_id, island_id), view))
 
     def renew_lease(self, island_id: str, job_id: UUID) -> bool:
         return self.core.renew_lease(island_id, job_id, self.clock.now_ms())
@@ -334,26 +341,27 @@ class Scheduler:
         return self.core.output_progress(island_id, job_id, tokens)
 
     def _complete_command(self, island_id: str, job_id: UUID, usage: dict[str, Any], output: str,
-                          compute_ms: int) -> Callable[[UnitOfWork], JobView]:
-        return lambda uow: job_view(cmd.complete_in(uow, self.ledger_config, self.config, self.catalog, job_id,
-                                                    island_id, usage, output, compute_ms))
+                          compute_ms: int, view: bool = True) -> Callable[[UnitOfWork], JobView | None]:
+        return lambda uow: job_view_if(cmd.complete_in(uow, self.ledger_config, self.config, self.catalog, job_id,
+                                                       island_id, usage, output, compute_ms), view)
 
     def complete(self, island_id: str, job_id: UUID, usage: dict[str, Any], output: str,
-                 compute_ms: int) -> JobView:
-        return self._run(self._complete_command(island_id, job_id, usage, output, compute_ms))
+                 compute_ms: int, *, view: bool = True) -> JobView | None:
+        return self._run(self._complete_command(island_id, job_id, usage, output, compute_ms, view))
 
     def complete_future(self, island_id: str, job_id: UUID, usage: dict[str, Any], output: str,
                         compute_ms: int) -> Future:
         return self._future(self._complete_command(island_id, job_id, usage, output, compute_ms))
 
-    def _fail_command(self, island_id: str, job_id: UUID, reason: str, retryable: bool):
+    def _fail_command(self, island_id: str, job_id: UUID, reason: str, retryable: bool, view: bool = True):
         live = self.core.live_job(job_id)
         streamed = bool(live and live.streamed)
-        return lambda uow: job_view(cmd.fail_in(uow, self.ledger_config, self.config, job_id, island_id, reason,
-                                                retryable=retryable, streamed=streamed))
+        return lambda uow: job_view_if(cmd.fail_in(uow, self.ledger_config, self.config, job_id, island_id, reason,
+                                                   retryable=retryable, streamed=streamed), view)
 
-    def fail(self, island_id: str, job_id: UUID, reason: str, *, retryable: bool = False) -> JobView:
-        return self._run(self._fail_command(island_id, job_id, reason, retryable))
+    def fail(self, island_id: str, job_id: UUID, reason: str, *, retryable: bool = False,
+             view: bool = True) -> JobView | None:
+        return self._run(self._fail_command(island_id, job_id, reason, retryable, view))
 
     # async variants for the HTTP / channel layer
     async def aaccept(self, island_id: str, job_id: UUID) -> JobView:

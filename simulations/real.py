@@ -382,7 +382,7 @@ class RealSystem:
 
     def accept(self, job_no: int, island_no: int, now_ms: int) -> None:
         try:
-            self.sched.accept(self.island_ids[island_no], self.job_uuid[job_no])
+            self.sched.accept(self.island_ids[island_no], self.job_uuid[job_no], view=False)
         except EXPECTED_RACES:
             self.stats["races"] += 1
             self._step()  # the Job moved on meanwhile
@@ -406,7 +406,7 @@ class RealSystem:
         else:
             usage = {"steps": s.steps or 30}
         try:
-            self.sched.complete(self.island_ids[island_no], self.job_uuid[job_no], usage, "", run_ms)
+            self.sched.complete(self.island_ids[island_no], self.job_uuid[job_no], usage, "", run_ms, view=False)
         except EXPECTED_RACES:
             self.stats["races"] += 1
         self._step()
@@ -416,9 +416,9 @@ class RealSystem:
         job_id = self.job_uuid[job_no]
         try:
             if reason == "rejected":
-                self.sched.reject(island_id, job_id)
+                self.sched.reject(island_id, job_id, view=False)
             else:
-                self.sched.fail(island_id, job_id, reason, retryable=True)
+                self.sched.fail(island_id, job_id, reason, retryable=True, view=False)
         except EXPECTED_RACES:
             self.stats["races"] += 1
         self._step()

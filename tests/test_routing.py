@@ -552,6 +552,17 @@ op_st = st.one_of(
     st.tuples(st.just("take"), st.sampled_from(IDS)),
     st.tuples(st.just("release"), st.sampled_from(IDS)),
     st.tuples(st.just("online"), st.sampled_from(IDS), st.booleans()),
+    st.tuples(st.just("slots"), st.sampled_from(IDS), st.integers(0, 3)),
+    st.tuples(
+        st.just("live_all"),
+        st.sampled_from(IDS),
+        st.none() | st.booleans(),
+        st.none() | st.integers(1, 3),
+        st.none() | st.integers(0, 3),
+        st.none() | st.sampled_from([0, 500, 1000]),
+        st.none() | st.sampled_from([10, 50, 200]),
+        st.none() | st.frozensets(st.sampled_from(MODELS)),
+    ),
     st.tuples(st.just("choose"), fleet_needs_st),
 )
 
@@ -573,7 +584,13 @@ def apply(index: CandidateIndex, op: tuple) -> None:
         return
     if kind == "live":
         slots_free, load, latency, warm = args[1:]
-        index.update_live(island_id, slots_free=slots_free, load_permille=load, latency_ms=latency, warm_models=warm)
+        kwargs = dict(slots_free=slots_free, load_permille=load, latency_ms=latency, warm_models=warm)
+        if slots_free is None or slots_free <= island.slots_total:
+            index.update_live(island_id, **kwargs)
+        else:  # a "live_all" op lowered slots_total below what this op asks for
+            with pytest.raises(ValueError):
+                index.update_live(island_id, **kwargs)
+            assert index.get(island_id) is island  # a refused update changes nothing
     elif kind == "karma":
         index.set_karma(island_id, args[1])
     elif kind == "take":
@@ -583,6 +600,25 @@ def apply(index: CandidateIndex, op: tuple) -> None:
         index.release_slot(island_id)
     elif kind == "online":
         index.set_online(island_id, args[1])
+    elif kind == "slots":
+        if args[1] <= island.slots_total:
+            index.set_slots_free(island_id, args[1])
+        else:
+            with pytest.raises(ValueError):
+                index.set_slots_free(island_id, args[1])
+            assert index.get(island_id) is island  # a refused update changes nothing
+    elif kind == "live_all":
+        online, slots_total, slots_free, load, latency, warm = args[1:]
+        total = island.slots_total if slots_total is None else slots_total
+        free = island.slots_free if slots_free is None else slots_free
+        kwargs = dict(online=online, slots_total=slots_total, slots_free=slots_free, load_permille=load,
+                      latency_ms=latency, warm_models=warm)
+        if free <= total:
+            index.update_live(island_id, **kwargs)
+        else:
+            with pytest.raises(ValueError):
+                index.update_live(island_id, **kwargs)
+            assert index.get(island_id) is island  # a refused update changes nothing
 
 
 def assert_same(index_result: Decision | NoCandidate, scan_result: Decision | NoCandidate) -> None:
