@@ -596,4 +596,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m api.cli` runs this file as __main__; run the `api.cli` module instead, so
+    # that the command modules (api/islands_cli.py) raise the UsageError `main` catches.
+    from api.cli import main as _main
+
+    sys.exit(_main())

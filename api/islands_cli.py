@@ -85,6 +85,27 @@ def cmd_islands_suspend(c, args) -> int:
     return _set_approval(c, args, False)
 
 
+def cmd_islands_karma(c, args) -> int:
+    """An operator's karma adjustment (decision 0041): the way back below a Cargo's gate."""
+    from routing.karma import parse_karma_milli
+    from scheduler.commands import BadKarmaAdjustment, NotYourJob
+
+    island_id = _uuid(args.island_id, "island")
+    reason = (args.reason or "").strip()
+    if not reason:
+        raise _usage("--reason is required (it is recorded with the adjustment)")
+    try:
+        delta_milli = parse_karma_milli(args.delta)
+        change = c.scheduler.adjust_island_karma(island_id, delta_milli, by=args.by, reason=reason)
+    except (ValueError, BadKarmaAdjustment) as exc:
+        raise _usage(f"delta: {exc}") from None
+    except NotYourJob:
+        raise _usage(f"unknown island {island_id}") from None
+    _print({"island_id": str(island_id), "karma_before": change.before_milli / 1000,
+            "karma": change.after_milli / 1000, "by": args.by, "reason": reason})
+    return 0
+
+
 def cmd_islands_list(c, args) -> int:
     """Every Island from the log (approval, online, karma, capabilities)."""
     from scheduler.dispatcher import ISLAND_TOPICS
@@ -213,6 +234,12 @@ def add_island_commands(sub: Any) -> None:
         a.add_argument("--reason", default="", help="recorded with the event (required to suspend)")
         a.add_argument("--by", default="operator", help="operator name recorded with the event")
         a.set_defaults(func=fn)
+    k = isl.add_parser("karma", help="adjust an Island's karma (the way back below a Cargo's gate)")
+    k.add_argument("island_id")
+    k.add_argument("delta", help='karma to add (negative to remove), up to 3 decimals, e.g. "12" or "-0.5"')
+    k.add_argument("--reason", required=True, help="recorded with the adjustment")
+    k.add_argument("--by", default="operator", help="operator name recorded with the event")
+    k.set_defaults(func=cmd_islands_karma)
     ls = isl.add_parser("list", help="every Island with approval, online state and karma")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_islands_list)

@@ -51,6 +51,11 @@ class KycBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     reference: str = ""
 
 
+class KarmaBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    delta: str | int  # karma, a decimal string with at most 3 places ("10", "-2.5") or an integer
+    reason: str
+
+
 class SuspendBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     suspended: bool
     reason: str
@@ -204,6 +209,28 @@ def operator_router(services: Any) -> Router:
     async def suspend_island(request: Request, island_id: str, data: ReasonBody) -> Response:
         return await _approval(request, island_id, data, False)
 
+    @post("/islands/{island_id:str}/karma", status_code=200)
+    async def adjust_karma(request: Request, island_id: str, data: KarmaBody) -> Response:
+        """Decision 0041: the way back for an Island benched below a Cargo's karma gate."""
+        from routing.karma import parse_karma_milli
+        from scheduler.commands import BadKarmaAdjustment, NotYourJob
+
+        isl = _uuid(island_id, "island")
+        try:
+            delta_milli = parse_karma_milli(data.delta)
+        except ValueError as exc:
+            raise validation_failed({"delta": [str(exc)]}) from None
+        try:
+            change = await asyncio.to_thread(c.scheduler.adjust_island_karma, isl, delta_milli,
+                                             by=operator_name(request), reason=_reason(data.reason))
+        except NotYourJob:
+            raise not_found("island") from None
+        except BadKarmaAdjustment as exc:
+            raise validation_failed({"delta": [str(exc)]}) from None
+        return _ok({"data": {"island_id": str(isl), "karma_before": Decimal(change.before_milli) / 1000,
+                             "karma": Decimal(change.after_milli) / 1000,
+                             "applied_delta": Decimal(change.after_milli - change.before_milli) / 1000}})
+
     # ---------------------------------------------------------------- cargos
     async def _switch(request: Request, slug: str, data: ReasonBody, enabled: bool) -> Response:
         from scheduler.catalog import UnknownCargo
@@ -263,4 +290,4 @@ def operator_router(services: Any) -> Router:
 
     return Router(path="/api/v1/admin", guards=[guard],
                   route_handlers=[create_account, grant, kyc, suspend, account, islands, approve, suspend_island,
-                                  enable, disable, cargos, trial_balance, statement, queue, totals])
+                                  adjust_karma, enable, disable, cargos, trial_balance, statement, queue, totals])

@@ -61,7 +61,7 @@ class IslandsProjection(Projection):
         return {get_topic(I.Registered): self.on_registered, get_topic(I.Approved): self.on_approved,
                 get_topic(I.Suspended): self.on_suspended, get_topic(I.CapabilitiesChanged): self.on_capabilities,
                 get_topic(I.WentOnline): self.on_online, get_topic(I.WentOffline): self.on_offline,
-                get_topic(I.KarmaChanged): self.on_karma,
+                get_topic(I.KarmaChanged): self.on_karma, get_topic(I.KarmaAdjusted): self.on_karma,
                 get_topic(J.Started): self.on_job_started, get_topic(J.Completed): self.on_job_completed,
                 get_topic(J.Failed): self.on_job_ended, get_topic(J.Cancelled): self.on_job_cancelled,
                 get_topic(J.Requeued): self.on_job_requeued}

@@ -25,6 +25,7 @@ within +-1 milli but bit-identical, as long as the caller persists ``carry`` per
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import msgspec
@@ -33,6 +34,9 @@ REASON_COMPLETED = "completed"
 REASON_FAILURE = "failure"
 REASON_MISSED_ACK = "missed_ack"
 REASON_LAPSED_LEASE = "lapsed_lease"
+REASON_OPERATOR = "operator_adjustment"  # decision 0041: the way back below a Cargo's gate
+MAX_ADJUST_MILLI = 1_000_000  # an operator's adjustment moves karma by at most 1,000 karma
+_KARMA_TEXT = re.compile(r"-?[0-9]{1,7}(\.[0-9]{1,3})?")
 
 
 class KarmaRates(msgspec.Struct, frozen=True, kw_only=True):
@@ -132,3 +136,26 @@ def for_lapsed_lease(karma_milli: int, rates: KarmaRates = DEFAULT_RATES) -> int
 def can_withdraw(karma_milli: int, rates: KarmaRates = DEFAULT_RATES) -> bool:
     """Whether the Island's owner may withdraw earnings."""
     return karma_milli >= rates.withdraw_min_milli
+
+
+def for_adjustment(karma_milli: int, delta_milli: int, rates: KarmaRates = DEFAULT_RATES) -> int:
+    """The delta an operator's adjustment of ``delta_milli`` applies: the same floor as
+    every penalty (no ceiling, like earning). 0 means nothing would change."""
+    assert abs(delta_milli) <= MAX_ADJUST_MILLI, delta_milli
+    return max(delta_milli, rates.floor_milli - karma_milli) if delta_milli < 0 else delta_milli
+
+
+def parse_karma_milli(value: object) -> int:
+    """Karma as text ("12", "-0.5", at most 3 decimals) or an integer -> milli-karma.
+    Floats and anything else are refused with a reason (karma is exact, like money)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("karma must be a decimal string with at most 3 places, or an integer")
+    if isinstance(value, int):
+        return value * 1000
+    text = value.strip()
+    if not _KARMA_TEXT.fullmatch(text):
+        raise ValueError(f"karma must be a decimal with at most 3 places, e.g. \"12\" or \"-0.5\"; got {value!r}")
+    negative = text.startswith("-")
+    whole, _, frac = text.lstrip("-").partition(".")
+    milli = int(whole) * 1000 + int(frac.ljust(3, "0") or "0")
+    return -milli if negative else milli

@@ -4,7 +4,7 @@ them all in one transaction. Every check happens before the first event is trigg
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import msgspec
@@ -59,6 +59,10 @@ class IdempotencyMismatch(Exception):
 
 class IslandExists(Exception):
     pass
+
+
+class BadKarmaAdjustment(ValueError):
+    """An operator's karma adjustment that would change nothing or breaks a bound."""
 
 
 def load_job(uow: UnitOfWork, job_id: UUID) -> Job:
@@ -322,6 +326,35 @@ def register_island_in(uow: UnitOfWork, sched: SchedulerConfig, island_id: UUID,
                             token_hash=token_hash, capabilities=capabilities, approval=approval, timestamp=_ts(uow))
     uow.add(island)
     return island
+
+
+class KarmaAdjustment(NamedTuple):
+    before_milli: int
+    after_milli: int
+
+
+def adjust_karma_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island_id: UUID, delta_milli: int, *,
+                    by: str, reason: str) -> KarmaAdjustment:
+    """An operator moves an Island's karma (decision 0041: the way back below a Cargo's
+    karma gate). Floored like every penalty; refused if it would change nothing."""
+    if not isinstance(delta_milli, int) or isinstance(delta_milli, bool):
+        raise BadKarmaAdjustment("delta must be an integer number of milli-karma")
+    if not 0 < abs(delta_milli) <= karma_rules.MAX_ADJUST_MILLI:
+        raise BadKarmaAdjustment(f"delta must be non-zero and at most {karma_rules.MAX_ADJUST_MILLI // 1000} "
+                                 f"karma either way")
+    by, reason = (by or "").strip(), (reason or "").strip()
+    if not by or not reason or len(by) > 64 or len(reason) > 500:
+        raise BadKarmaAdjustment("an adjustment needs who (at most 64 characters) and why (at most 500)")
+    island = load_island(uow, island_id)
+    before = island.karma_milli
+    applied = karma_rules.for_adjustment(before, delta_milli, rates)
+    if applied == 0:
+        raise BadKarmaAdjustment(f"karma is at the floor ({rates.floor_milli / 1000:g}): nothing to take")
+    island.trigger_event(Island.KarmaAdjusted, delta_milli=applied, reason=karma_rules.REASON_OPERATOR, job_id="",
+                         karma_after_milli=before + applied, carry=island.karma_carry, compute_ms=0, by=by,
+                         note=reason, timestamp=_ts(uow))
+    assert island.karma_milli == before + applied >= rates.floor_milli
+    return KarmaAdjustment(before, island.karma_milli)
 
 
 def set_island_approval_in(uow: UnitOfWork, island_id: UUID, approved: bool, *, by: str, reason: str) -> Island:

@@ -53,7 +53,7 @@ JOB_TOPICS = tuple(get_topic(c) for c in (
     Job.Failed, Job.Cancelled, Job.TimedOut))
 ISLAND_TOPICS = tuple(get_topic(c) for c in (
     Island.Registered, Island.Approved, Island.Suspended, Island.CapabilitiesChanged, Island.WentOnline,
-    Island.WentOffline, Island.KarmaChanged, Island.TokenRotated))
+    Island.WentOffline, Island.KarmaChanged, Island.KarmaAdjusted, Island.TokenRotated))
 CARGO_TOPICS = (get_topic(CargoSwitch.Switched),)
 SCHEDULER_TOPICS = JOB_TOPICS + ISLAND_TOPICS + CARGO_TOPICS
 _SCHEDULER_EVENTS = (Job.Event, Island.Event, CargoSwitch.Switched)

@@ -88,3 +88,12 @@ class Island(ChainedAggregate):
                 island.jobs_completed += 1
             elif self.reason in ("failure", "lapsed_lease"):
                 island.jobs_failed += 1
+
+    class KarmaAdjusted(KarmaChanged):
+        """An operator moved the karma (decision 0041: the way back below a Cargo's karma
+        gate): `reason` is "operator_adjustment", `job_id` "", `carry` unchanged,
+        `compute_ms` 0; `by` is the operator, `note` why. A `KarmaChanged`, so every reader
+        of karma reads it too."""
+
+        by: str
+        note: str

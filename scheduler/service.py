@@ -308,6 +308,12 @@ class Scheduler:
     def set_island_approval(self, island_id: UUID, approved: bool, *, by: str, reason: str) -> None:
         self._run(lambda uow: cmd.set_island_approval_in(uow, island_id, approved, by=by, reason=reason))
 
+    def adjust_island_karma(self, island_id: UUID, delta_milli: int, *, by: str,
+                            reason: str) -> cmd.KarmaAdjustment:
+        """An operator's karma adjustment (decision 0041); refusals raise BadKarmaAdjustment."""
+        return self._run(lambda uow: cmd.adjust_karma_in(uow, self.config.karma, island_id, delta_milli, by=by,
+                                                         reason=reason))
+
     def island_by_token(self, island_id: UUID, token: str) -> Island | None:
         def read(uow: UnitOfWork) -> Island | None:
             island = uow.get_or_none(island_id, fresh=self.shared_store)
