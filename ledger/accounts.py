@@ -10,6 +10,9 @@ check each event on its own. Commands check every rule *before* triggering an ev
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
+
+from ledger import names
 from store.chain import ChainedAggregate
 
 HOLD_OPEN = "open"
@@ -48,6 +51,13 @@ class Account(ChainedAggregate):
         self.free_tier_held_micro = 0  # open free-tier holds
         self.holds: dict[str, Hold] = {}
         self.idempotency: dict[str, tuple[str, Any]] = {}
+        # This account's ledger account names, `names.spendable(id)` / `names.held(id)`, built
+        # once per loaded aggregate instead of once per command (str(UUID) is the dear part).
+        # Derived from the id alone, never from an event; None unless the id is a plain UUID
+        # (the only type whose text `ledger_names` can promise equals the caller's).
+        ident = self.id
+        self._spendable_name = names.spendable(ident) if type(ident) is UUID else None
+        self._held_name = names.held(ident) if type(ident) is UUID else None
 
     # ------------------------------------------------------------ events
     class Funded(ChainedAggregate.Event):
@@ -178,6 +188,18 @@ class Account(ChainedAggregate):
             acct.suspended = False
 
     # ------------------------------------------------------------ reads
+    def ledger_names(self, account_id: UUID | str) -> tuple[str, str]:
+        """`(names.spendable(account_id), names.held(account_id))` for the id a command was
+        given (the id this aggregate was loaded by), from the names built at load time when
+        `account_id` is a plain UUID equal to this aggregate's id: equal UUIDs have the same
+        128-bit value, hence the same text. Any other id is formatted as before."""
+        spendable = self._spendable_name
+        if spendable is not None:
+            ident = self.id
+            if account_id is ident or (type(account_id) is UUID and account_id == ident):
+                return spendable, self._held_name  # type: ignore[return-value]
+        return names.spendable(account_id), names.held(account_id)
+
     def free_tier_used_micro(self) -> int:
         """Spent on free-tier holds plus what open free-tier holds reserve."""
         return self.free_tier_spent_micro + self.free_tier_held_micro

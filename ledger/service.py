@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from hashlib import blake2b as _blake2b
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -82,6 +83,16 @@ class AccountBalance:
 
 def fingerprint(*parts: Any) -> str:
     return hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).hexdigest()
+
+
+def hold_fingerprint(hold_id: str, amount_micro: int, reference: str) -> str:
+    """`fingerprint("hold", hold_id, amount_micro, reference)`, once per placed hold.
+
+    For an exact `str` and `int`, `f"{x}"` is `str(x)`, so one f-string builds the same
+    text as the join without the tuple, map and join; any other type takes the general path."""
+    if type(hold_id) is str and type(amount_micro) is int and type(reference) is str:
+        return _blake2b(f"hold|{hold_id}|{amount_micro}|{reference}".encode(), digest_size=8).hexdigest()
+    return fingerprint("hold", hold_id, amount_micro, reference)
 
 
 def check_amount(amount_micro: int, *, allow_zero: bool = False) -> None:
@@ -175,7 +186,7 @@ def place_hold_in(uow: UnitOfWork, config: LedgerConfig, account_id: UUID, hold_
     _text(hold_id, "hold_id")
     idem_key = idem_key or f"hold:{hold_id}"
     acct = load_account(uow, account_id)
-    fp = fingerprint("hold", hold_id, amount_micro, reference)
+    fp = hold_fingerprint(hold_id, amount_micro, reference)
     seen = acct.idempotency.get(idem_key)
     if seen is not None:
         if seen[0] != fp:
@@ -199,8 +210,9 @@ def place_hold_in(uow: UnitOfWork, config: LedgerConfig, account_id: UUID, hold_
     if amount_micro > acct.spendable_micro:
         raise InsufficientCredits(amount_micro, acct.spendable_micro)
     expires = expires_at_ms if expires_at_ms is not None else uow.now_ms + config.hold_ttl_ms
+    spendable_acct, held_acct = acct.ledger_names(account_id)
     acct.trigger_event(Account.HoldPlaced,
-                       transfers=[[names.spendable(account_id), names.held(account_id), amount_micro, names.HOLD]],
+                       transfers=[[spendable_acct, held_acct, amount_micro, names.HOLD]],
                        hold_id=hold_id, reference=reference, expires_at_ms=expires, free_tier=free_tier,
                        idem_key=idem_key, idem_fp=fp,
                        spendable_after_micro=acct.spendable_micro - amount_micro,
@@ -224,7 +236,7 @@ def post_hold_in(uow: UnitOfWork, config: LedgerConfig, account_id: UUID, hold_i
         return PostResult(hold_id, actual_micro, earning, fee, hold.amount_micro - actual_micro)
     if hold.state != HOLD_OPEN:
         raise HoldAlreadyResolved(f"hold {hold_id!r} is already {hold.state}")
-    held_acct = names.held(account_id)
+    spendable_acct, held_acct = acct.ledger_names(account_id)
     released = hold.amount_micro - actual_micro
     transfers: list[list] = []
     if actual_micro:
@@ -234,7 +246,7 @@ def post_hold_in(uow: UnitOfWork, config: LedgerConfig, account_id: UUID, hold_i
         if fee:
             transfers.append([names.PLATFORM_CLEARING, names.PLATFORM_FEES, fee, names.FEE])
     if released:
-        transfers.append([held_acct, names.spendable(account_id), released, names.RELEASE])
+        transfers.append([held_acct, spendable_acct, released, names.RELEASE])
     acct.trigger_event(Account.HoldPosted, transfers=transfers, hold_id=hold_id, reference=hold.reference,
                        posted_micro=actual_micro,
                        released_micro=released, spendable_after_micro=acct.spendable_micro + released,
@@ -253,9 +265,9 @@ def release_hold_in(uow: UnitOfWork, account_id: UUID, hold_id: str, reason: str
         return 0
     if hold.state != HOLD_OPEN:
         raise HoldAlreadyResolved(f"hold {hold_id!r} is already {hold.state}")
+    spendable_acct, held_acct = acct.ledger_names(account_id)
     acct.trigger_event(Account.HoldReleased,
-                       transfers=[[names.held(account_id), names.spendable(account_id), hold.amount_micro,
-                                   names.RELEASE]],
+                       transfers=[[held_acct, spendable_acct, hold.amount_micro, names.RELEASE]],
                        hold_id=hold_id, reference=hold.reference, reason=reason,
                        spendable_after_micro=acct.spendable_micro + hold.amount_micro,
                        held_after_micro=acct.held_micro - hold.amount_micro, timestamp=ms_to_datetime(uow.now_ms))

@@ -4,6 +4,7 @@ them all in one transaction. Every check happens before the first event is trigg
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -65,6 +66,28 @@ class BadKarmaAdjustment(ValueError):
     """An operator's karma adjustment that would change nothing or breaks a bound."""
 
 
+_ONLY_QUEUED = frozenset({QUEUED})
+_ONLY_ASSIGNED = frozenset({ASSIGNED})
+_ONLY_RUNNING = frozenset({RUNNING})
+_ASSIGNED_OR_RUNNING = frozenset({ASSIGNED, RUNNING})
+
+
+@lru_cache(maxsize=65_536)
+def _parse_uuid(text: str) -> UUID:
+    return UUID(text)
+
+
+def uuid_of(text: str) -> UUID:
+    """`UUID(text)` for the account and Island ids a Job carries as text. Memoised (a
+    bounded LRU of 65,536 texts: the live accounts and Islands) because parsing costs
+    more than a lookup and the same few ids come back on every command; a UUID is an
+    immutable value, so a shared one is as good as a new one. Anything that is not a
+    str, and every bad text (exceptions are never cached), goes to UUID() itself."""
+    if type(text) is not str:
+        return UUID(text)
+    return _parse_uuid(text)
+
+
 def load_job(uow: UnitOfWork, job_id: UUID) -> Job:
     try:
         job = uow.get(job_id)
@@ -103,9 +126,10 @@ def submit_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConf
     enough for the queue wait and every attempt; the sweeper releases it if all else fails."""
     # A fresh random id cannot exist (the insert's uniqueness would catch it anyway); only
     # an id derived from an idempotency key needs the read.
+    account_key = str(account_id)
     existing = uow.get_or_none(job_id) if idem_fp else None
     if existing is not None:
-        if not isinstance(existing, Job) or existing.account_id != str(account_id) or existing.idem_fp != idem_fp:
+        if not isinstance(existing, Job) or existing.account_id != account_key or existing.idem_fp != idem_fp:
             raise IdempotencyMismatch(f"job {job_id} exists with different content")
         return existing
     expires = uow.now_ms + sched.queue_timeout_ms * (sched.max_attempts + 1) + sched.lease_ms * sched.max_attempts \
@@ -114,7 +138,7 @@ def submit_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConf
     job_key = str(job_id)
     place_hold_in(uow, ledger_config, account_id, job_key, admitted.hold_micro, reference=f"job:{job_key}",
                   expires_at_ms=expires, requires_kyc=cargo.requires_kyc, free_tier_allowed=cargo.free_tier)
-    job = Job._create(Job.Submitted, id=job_id, account_id=str(account_id), cargo=cargo.slug, cargo_id=cargo.id,
+    job = Job._create(Job.Submitted, id=job_id, account_id=account_key, cargo=cargo.slug, cargo_id=cargo.id,
                       kind=cargo.kind, model=admitted.model, input=admitted.input_dict, prefs=admitted.prefs,
                       hold_micro=admitted.hold_micro, max_attempts=sched.max_attempts,
                       status=PENDING if pending else QUEUED, parent_id=parent_id, batch_index=batch_index,
@@ -139,7 +163,7 @@ def cancel_in(uow: UnitOfWork, ledger_config: LedgerConfig, catalog: Catalog, jo
         raise UnknownJob(f"unknown job {job_id}")
     if job.status in TERMINAL:
         return job
-    account = UUID(job.account_id)
+    account = uuid_of(job.account_id)
     charged = 0
     usage: dict = {}
     if job.status == RUNNING and delivered_tokens > 0 and job.kind == "chat":
@@ -162,7 +186,7 @@ def timeout_in(uow: UnitOfWork, job_id: UUID) -> Job:
     job = load_job(uow, job_id)
     if job.status not in WAITING:
         return job  # it moved on meanwhile: nothing to do
-    release_hold_in(uow, UUID(job.account_id), str(job_id), "timeout")
+    release_hold_in(uow, uuid_of(job.account_id), str(job_id), "timeout")
     waited = uow.now_ms - _created_ms(job)
     job.trigger_event(Job.TimedOut, waited_ms=max(0, waited), timestamp=_ts(uow))
     return job
@@ -176,7 +200,7 @@ def _created_ms(job: Job) -> int:
 def assign_in(uow: UnitOfWork, job_id: UUID, island_id: str, owner_account_id: str, ack_deadline_ms: int,
               score: dict, candidates: int) -> Job:
     job = load_job(uow, job_id)
-    job.require(frozenset({QUEUED}), "assign")
+    job.require(_ONLY_QUEUED, "assign")
     if island_id in job.excluded:
         raise IllegalTransition(job_id, job.status, f"assign to excluded island {island_id}")
     job.trigger_event(Job.Assigned, island_id=island_id, owner_account_id=owner_account_id,
@@ -187,7 +211,7 @@ def assign_in(uow: UnitOfWork, job_id: UUID, island_id: str, owner_account_id: s
 def _karma_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island_id: str, reason: str, job_id: UUID,
               compute_ms: int = 0) -> int:
     try:
-        island = load_island(uow, UUID(island_id))
+        island = load_island(uow, uuid_of(island_id))
     except (NotYourJob, ValueError):
         return 0
     carry = island.karma_carry
@@ -209,7 +233,7 @@ def _karma_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island_id: str, re
 def decline_in(uow: UnitOfWork, sched: SchedulerConfig, job_id: UUID, island_id: str, reason: str) -> Job:
     """The offer was rejected, expired (karma penalty) or its Island went offline."""
     job = load_job(uow, job_id)
-    _own(job, island_id, frozenset({ASSIGNED}), "decline the offer")
+    _own(job, island_id, _ONLY_ASSIGNED, "decline the offer")
     if reason == "ack_timeout":
         _karma_in(uow, sched.karma, island_id, karma_rules.REASON_MISSED_ACK, job_id)
     job.trigger_event(Job.OfferDeclined, island_id=island_id, reason=reason, timestamp=_ts(uow))
@@ -221,13 +245,13 @@ def lapse_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConfi
     """A running Job's Island stopped reporting: re-queue if nothing was streamed and
     attempts remain, otherwise fail with a full release. Either way the Island loses karma."""
     job = load_job(uow, job_id)
-    _own(job, island_id, frozenset({RUNNING}), "lapse")
+    _own(job, island_id, _ONLY_RUNNING, "lapse")
     _karma_in(uow, sched.karma, island_id, karma_rules.REASON_LAPSED_LEASE, job_id)
     if not streamed and job.attempts + 1 < job.max_attempts:
         job.trigger_event(Job.Requeued, island_id=island_id, reason=reason, timestamp=_ts(uow))
     else:
         why = "the Island stopped mid-stream" if streamed else f"no Island finished the job in {job.max_attempts} attempts"
-        release_hold_in(uow, UUID(job.account_id), str(job_id), "island_fault")
+        release_hold_in(uow, uuid_of(job.account_id), str(job_id), "island_fault")
         job.trigger_event(Job.Failed, reason=f"{reason}: {why}", island_fault=True, charged_micro=0,
                           timestamp=_ts(uow))
     return job
@@ -238,7 +262,7 @@ def accept_in(uow: UnitOfWork, job_id: UUID, island_id: str, lease_deadline_ms: 
     job = load_job(uow, job_id)
     if job.status == RUNNING and job.island_id == island_id:
         return job  # a repeated accept is harmless
-    _own(job, island_id, frozenset({ASSIGNED}), "accept")
+    _own(job, island_id, _ONLY_ASSIGNED, "accept")
     job.trigger_event(Job.Started, island_id=island_id, lease_deadline_ms=lease_deadline_ms, timestamp=_ts(uow))
     return job
 
@@ -268,7 +292,7 @@ def complete_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerCo
     job = load_job(uow, job_id)
     if job.status == "completed" and job.island_id == island_id:
         return job  # a repeated completion is answered with the first outcome
-    _own(job, island_id, frozenset({RUNNING}), "complete")
+    _own(job, island_id, _ONLY_RUNNING, "complete")
     clean = check_usage(job.kind, usage)
     if not isinstance(output, str) or len(output) > MAX_OUTPUT_CHARS:
         raise BadUsage(f"output must be a string of at most {MAX_OUTPUT_CHARS} characters")
@@ -286,7 +310,7 @@ def complete_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerCo
         price = image_price_micro(cargo.pricing, job.input["width"], job.input["height"], job.input["steps"])
         tps = 0
     charged = settlement_micro(price, job.hold_micro)
-    post = post_hold_in(uow, ledger_config, UUID(job.account_id), str(job_id), charged, job.owner_account_id)
+    post = post_hold_in(uow, ledger_config, uuid_of(job.account_id), str(job_id), charged, job.owner_account_id)
     _karma_in(uow, sched.karma, island_id, karma_rules.REASON_COMPLETED, job_id, compute_ms)
     clean["credits_used_micro"] = charged
     job.trigger_event(Job.Completed, usage=clean, output=output, charged_micro=charged,
@@ -304,13 +328,13 @@ def fail_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConfig
         if job.island_id == island_id:
             return job
         raise NotYourJob(f"job {job_id} is not assigned to island {island_id}")
-    _own(job, island_id, frozenset({ASSIGNED, RUNNING}), "fail")
+    _own(job, island_id, _ASSIGNED_OR_RUNNING, "fail")
     reason = str(reason)[:500] or "unspecified"
     _karma_in(uow, sched.karma, island_id, karma_rules.REASON_FAILURE, job_id)
     if retryable and not streamed and job.attempts + 1 < job.max_attempts:
         job.trigger_event(Job.Requeued, island_id=island_id, reason=f"island_failed: {reason}", timestamp=_ts(uow))
         return job
-    release_hold_in(uow, UUID(job.account_id), str(job_id), "island_fault")
+    release_hold_in(uow, uuid_of(job.account_id), str(job_id), "island_fault")
     job.trigger_event(Job.Failed, reason=reason, island_fault=True, charged_micro=0, timestamp=_ts(uow))
     return job
 

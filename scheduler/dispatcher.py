@@ -162,6 +162,7 @@ class DispatchCore:
         self.registry = Registry(self.index)
         self.queue = FairQueue(config.max_queued_per_account, config.max_queued_total)
         self.jobs: dict[UUID, LiveJob] = {}
+        self._handlers: dict[type, Callable[[Any, int], None]] = {}  # event class -> what _apply does
         self.rng = random.Random(config.routing_seed)
         self.position = 0  # last scheduler event applied
         self._timers: list[tuple[int, int, int, UUID, int]] = []
@@ -232,16 +233,38 @@ class DispatchCore:
     def _apply(self, position: int, ev: Any, now_ms: int) -> None:
         assert position > self.position, (position, self.position)
         self.position = position
-        if isinstance(ev, Job.Event):
-            self._apply_job(ev, now_ms)
-        elif isinstance(ev, Island.Event):
-            self._apply_island(ev)
-        elif isinstance(ev, CargoSwitch.Switched):
-            slug = self._switch_slugs.get(ev.originator_id)
-            if slug is None:
-                slug = next((c.slug for c in self.catalog if switch_id(c.slug) == ev.originator_id), None)
-            if slug is not None:
-                self.catalog = self.catalog.with_enabled(slug, ev.enabled)
+        handler = self._handlers.get(type(ev))
+        if handler is None:
+            handler = self._handlers[type(ev)] = self._handler_for(type(ev))
+        handler(ev, now_ms)
+
+    def _handler_for(self, cls: type) -> Callable[[Any, int], None]:
+        """What `_apply` does with events of class `cls`: the isinstance chain, decided once
+        per class (`_handlers` holds one entry per event class seen, a fixed small set)."""
+        if issubclass(cls, Job.Event):
+            if issubclass(cls, Job.Submitted):
+                return self._on_submitted
+            if issubclass(cls, Job.Queued):
+                return self._on_queued
+            if issubclass(cls, Job.Assigned):
+                return self._on_assigned
+            if issubclass(cls, (Job.OfferDeclined, Job.Requeued)):
+                return self._on_declined
+            if issubclass(cls, Job.Started):
+                return self._on_started
+            return self._on_terminal
+        if issubclass(cls, Island.Event):
+            return self._on_island
+        if issubclass(cls, CargoSwitch.Switched):
+            return self._on_switched
+        return _ignore
+
+    def _on_switched(self, ev: Any, now_ms: int) -> None:
+        slug = self._switch_slugs.get(ev.originator_id)
+        if slug is None:
+            slug = next((c.slug for c in self.catalog if switch_id(c.slug) == ev.originator_id), None)
+        if slug is not None:
+            self.catalog = self.catalog.with_enabled(slug, ev.enabled)
 
     def _needs(self, ev: Job.Submitted) -> JobNeeds:
         cargo = self.catalog.get(ev.cargo)
@@ -253,66 +276,95 @@ class DispatchCore:
             max_latency_ms=prefs.get("max_latency_ms"), bid_micro=prefs.get("bid_micro"),
             min_karma_milli=cargo.min_karma_milli if cargo else 0)
 
-    def _apply_job(self, ev: Any, now_ms: int) -> None:
+    def _on_submitted(self, ev: Any, now_ms: int) -> None:
         job_id = ev.originator_id
-        if isinstance(ev, Job.Submitted):
-            live = LiveJob(job_id=job_id, account_id=ev.account_id, cargo=ev.cargo, kind=ev.kind, model=ev.model,
-                           input=ev.input, needs=self._needs(ev), submitted_ms=datetime_to_ms(ev.timestamp),
-                           status=ev.status, parent_id=ev.parent_id, key=str(job_id))
-            self.jobs[job_id] = live
-            live.queued_ms = live.submitted_ms
-            if ev.status == QUEUED:
-                self._enqueue(live)
-            self.listener.job_changed(live.key, ev.status, ev)
-            return
-        live = self.jobs.get(job_id)
-        if live is None:
-            return  # a Job that ended before we started watching, or unknown: nothing live
-        live.epoch += 1
-        if isinstance(ev, Job.Queued):
-            live.status = QUEUED
-            live.queued_ms = datetime_to_ms(ev.timestamp)  # the queue timeout counts from the release
+        live = LiveJob(job_id=job_id, account_id=ev.account_id, cargo=ev.cargo, kind=ev.kind, model=ev.model,
+                       input=ev.input, needs=self._needs(ev), submitted_ms=datetime_to_ms(ev.timestamp),
+                       status=ev.status, parent_id=ev.parent_id, key=str(job_id))
+        self.jobs[job_id] = live
+        live.queued_ms = live.submitted_ms
+        if ev.status == QUEUED:
             self._enqueue(live)
-        elif isinstance(ev, Job.Assigned):
-            self.queue.remove(job_id)
-            if live.island_id and live.island_id != ev.island_id:
-                self.registry.release(live.island_id, job_id)
-            live.status = ASSIGNED
-            live.island_id = ev.island_id
-            live.ack_deadline_ms = ev.ack_deadline_ms
-            self.registry.reserve(ev.island_id, job_id)
-            self._timer(ev.ack_deadline_ms, ACK, live)
-            if self.leader.is_leader():
-                self.listener.offer(ev.island_id, JobOffer(live.key, live.cargo, live.model, live.kind,
-                                                           live.input, ev.ack_deadline_ms, self.config.lease_ms))
-        elif isinstance(ev, (Job.OfferDeclined, Job.Requeued)):
-            self.registry.release(ev.island_id, job_id)  # _enqueue below notes it
-            live.excluded = live.excluded | {ev.island_id}
-            live.island_id = ""
-            live.status = QUEUED
-            live.streamed = False
-            live.delivered_tokens = 0
-            self._enqueue(live, front=True)
-        elif isinstance(ev, Job.Started):
-            live.status = RUNNING
-            live.lease_deadline_ms = max(ev.lease_deadline_ms, now_ms + self.config.lease_ms // 2)
-            self._timer(live.lease_deadline_ms, LEASE, live)
-        else:  # terminal
-            self.queue.remove(job_id)
-            if live.island_id:
-                self.registry.release(live.island_id, job_id)
-                self._dispatchable_changes += 1
-                if isinstance(ev, Job.Cancelled) and ev.stage in (ASSIGNED, RUNNING):
-                    self.listener.cancel(live.island_id, live.key)
-            self.listener.job_changed(live.key, _TERMINAL_STATUS[type(ev)], ev)  # listeners may still look the Job up
-            del self.jobs[job_id]
+        self.listener.job_changed(live.key, ev.status, ev)
+
+    def _moved(self, ev: Any) -> LiveJob | None:
+        """The live Job a later event of it moves on (its epoch bumped: its timers are
+        stale now); None for a Job that ended before we started watching, or unknown."""
+        live = self.jobs.get(ev.originator_id)
+        if live is not None:
+            live.epoch += 1
+        return live
+
+    def _on_queued(self, ev: Any, now_ms: int) -> None:
+        live = self._moved(ev)
+        if live is None:
             return
+        live.status = QUEUED
+        live.queued_ms = datetime_to_ms(ev.timestamp)  # the queue timeout counts from the release
+        self._enqueue(live)
         self.listener.job_changed(live.key, live.status, ev)
+
+    def _on_assigned(self, ev: Any, now_ms: int) -> None:
+        live = self._moved(ev)
+        if live is None:
+            return
+        job_id = live.job_id
+        self.queue.remove(job_id)
+        if live.island_id and live.island_id != ev.island_id:
+            self.registry.release(live.island_id, job_id)
+        live.status = ASSIGNED
+        live.island_id = ev.island_id
+        live.ack_deadline_ms = ev.ack_deadline_ms
+        self.registry.reserve(ev.island_id, job_id)
+        self._timer(ev.ack_deadline_ms, ACK, live)
+        if self.leader.is_leader():
+            self.listener.offer(ev.island_id, JobOffer(live.key, live.cargo, live.model, live.kind,
+                                                       live.input, ev.ack_deadline_ms, self.config.lease_ms))
+        self.listener.job_changed(live.key, live.status, ev)
+
+    def _on_declined(self, ev: Any, now_ms: int) -> None:  # OfferDeclined or Requeued
+        live = self._moved(ev)
+        if live is None:
+            return
+        self.registry.release(ev.island_id, live.job_id)  # _enqueue below notes it
+        live.excluded = live.excluded | {ev.island_id}
+        live.island_id = ""
+        live.status = QUEUED
+        live.streamed = False
+        live.delivered_tokens = 0
+        self._enqueue(live, front=True)
+        self.listener.job_changed(live.key, live.status, ev)
+
+    def _on_started(self, ev: Any, now_ms: int) -> None:
+        live = self._moved(ev)
+        if live is None:
+            return
+        live.status = RUNNING
+        live.lease_deadline_ms = max(ev.lease_deadline_ms, now_ms + self.config.lease_ms // 2)
+        self._timer(live.lease_deadline_ms, LEASE, live)
+        self.listener.job_changed(live.key, live.status, ev)
+
+    def _on_terminal(self, ev: Any, now_ms: int) -> None:
+        live = self._moved(ev)
+        if live is None:
+            return
+        job_id = live.job_id
+        self.queue.remove(job_id)
+        if live.island_id:
+            self.registry.release(live.island_id, job_id)
+            self._dispatchable_changes += 1
+            if isinstance(ev, Job.Cancelled) and ev.stage in (ASSIGNED, RUNNING):
+                self.listener.cancel(live.island_id, live.key)
+        self.listener.job_changed(live.key, _TERMINAL_STATUS[type(ev)], ev)  # listeners may still look the Job up
+        del self.jobs[job_id]
 
     def _enqueue(self, live: LiveJob, front: bool = False) -> None:
         self._dispatchable_changes += 1
         self.queue.push(live.cargo, live.account_id, live.job_id, front=front)
         self._timer(live.queued_ms + self.config.queue_timeout_ms, QUEUE_TIMEOUT, live)
+
+    def _on_island(self, ev: Any, now_ms: int) -> None:
+        self._apply_island(ev)
 
     def _apply_island(self, ev: Any) -> None:
         island_id = str(ev.originator_id)
@@ -492,6 +544,10 @@ class DispatchCore:
     def queue_depths(self) -> dict[str, int]:
         with self.lock:
             return self.queue.depths()
+
+
+def _ignore(ev: Any, now_ms: int) -> None:
+    """Events of other aggregates: nothing live to change."""
 
 
 def _with_excluded(needs: JobNeeds, excluded: frozenset[str]) -> JobNeeds:

@@ -33,7 +33,7 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from eventsourcing.domain import Aggregate
+from eventsourcing.domain import Aggregate, OriginatorIDError, OriginatorVersionError
 from eventsourcing.utils import get_topic
 
 GENESIS = ""  # the "previous hash" of a stream's first event
@@ -123,19 +123,53 @@ class ChainedAggregate(Aggregate):
         chain: str
 
         def mutate(self, aggregate: Any) -> Any:
-            agg = super().mutate(aggregate)
+            """The library's `CanMutateAggregate.mutate` (same checks, same order: id, next
+            version, apply, then version and modified_on), written out to save the super()
+            chain per event; the id check short-cuts on identity (trigger_event passes the
+            aggregate's own id object). Then the stream's head moves to this event."""
+            assert aggregate is not None
+            originator_id = self.originator_id
+            if originator_id is not aggregate.id and originator_id != aggregate.id:
+                raise OriginatorIDError(originator_id, aggregate.id)
+            next_version = aggregate.version + 1
+            if self.originator_version != next_version:
+                raise OriginatorVersionError(self.originator_version, next_version)
+            self.apply(aggregate)
+            aggregate.version = self.originator_version
+            aggregate.modified_on = self.timestamp
             # Events decoded from a log written before chaining existed have no `chain`.
+            aggregate.chain_head = self.__dict__.get("chain", GENESIS)
+            return aggregate
+
+    class Created(Event, Aggregate.Created):
+        def mutate(self, aggregate: Any) -> Any:
+            # Construction is the library's (`CanInitAggregate.mutate`), not Event.mutate.
+            agg = Aggregate.Created.mutate(self, aggregate)
             agg.chain_head = self.__dict__.get("chain", GENESIS)
             return agg
 
-    class Created(Event, Aggregate.Created):
-        pass
-
     def trigger_event(self, event_class: Any, **kwargs: Any) -> None:
+        """The library's `BaseAggregate.trigger_event` plus the chain hash, in one frame:
+        `kwargs` is already this call's own dict (no copy needed), the id and version are
+        read once. Aggregates with explicit TOPICs take the library's path (it checks the
+        topic registration)."""
         if kwargs.get("timestamp") is None:
             kwargs["timestamp"] = event_class.create_timestamp()
-        kwargs["chain"] = chain_hash(self.chain_head, get_topic(event_class), self.id, self.version + 1, kwargs)
-        super().trigger_event(event_class, **kwargs)
+        originator_id = self.id
+        version = self.version + 1
+        kwargs["chain"] = chain_hash(self.chain_head, get_topic(event_class), originator_id, version, kwargs)
+        if getattr(type(self), "TOPIC", None):
+            super().trigger_event(event_class, **kwargs)
+            return
+        kwargs["originator_id"] = originator_id
+        kwargs["originator_version"] = version
+        try:
+            new_event = event_class(**kwargs)
+        except TypeError as e:
+            msg = f"Can't construct event {event_class}: {e}"
+            raise TypeError(msg) from None
+        new_event.mutate(self)
+        self._pending_events.append(new_event)
 
     @classmethod
     def _create(cls, event_class: Any, *, id: Any = None, **kwargs: Any) -> Any:  # noqa: A002

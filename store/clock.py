@@ -45,8 +45,22 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_MS = timedelta(milliseconds=1)
 
 
+# The last conversion: every event of a command (and of a batch) is stamped with the same
+# `now_ms`, so most calls repeat the previous one. One entry, swapped as a whole tuple, so
+# a reader in another thread always sees a matching pair; datetimes are immutable, so
+# handing out the same object is the same as building an equal one.
+_last_ms_dt: tuple[int, datetime] = (0, EPOCH)
+
+
 def ms_to_datetime(ms: int) -> datetime:
-    return EPOCH + timedelta(milliseconds=ms)
+    global _last_ms_dt  # noqa: PLW0603
+    last = _last_ms_dt
+    if last[0] == ms and type(ms) is int:  # an int (not a float or bool) equal to the cached one
+        return last[1]
+    dt = EPOCH + timedelta(milliseconds=ms)
+    if type(ms) is int:
+        _last_ms_dt = (ms, dt)
+    return dt
 
 
 def datetime_to_ms(dt: datetime) -> int:

@@ -199,11 +199,26 @@ class GroupCommitter:
         return fut
 
     def execute(self, command: Callable[[UnitOfWork], T], timeout: float | None = 30.0) -> T:
+        if self.inline:
+            return self._execute_inline(command, False)
         return self.submit(command).result(timeout)
 
     def query(self, fn: Callable[[UnitOfWork], T], timeout: float | None = 30.0) -> T:
         """Run a read-only function in the writer thread (consistent with committed state)."""
+        if self.inline:
+            return self._execute_inline(fn, True)
         return self.submit(fn, read_only=True).result(timeout)
+
+    def _execute_inline(self, command: Callable[[UnitOfWork], T], read_only: bool) -> T:
+        """`submit(command).result()` in inline mode, without the settled future in between:
+        the same checks, the same run, the result returned or the exception raised."""
+        if self._closed:
+            raise CommitterClosed("the committer is closed")
+        with self._inline_lock:
+            ok, value = self._run_inline(command, read_only)
+        if ok:
+            return value
+        raise value
 
     async def aexecute(self, command: Callable[[UnitOfWork], T]) -> T:
         return await asyncio.wrap_future(self.submit(command))
@@ -536,9 +551,18 @@ def _conflict_error(attempts: int) -> CommitConflict:
 
 
 def _collect_events(uow: UnitOfWork) -> list[Any]:
-    """Every new event of the unit of work, aggregate by aggregate (staging order)."""
-    return [e for a in uow._staged.values() if a._pending_events  # type: ignore[attr-defined]
-            for e in a.collect_events()]
+    """Every new event of the unit of work, aggregate by aggregate (staging order).
+
+    What `collect_events()` of each aggregate returns (its pending events in order), and
+    like it leaves each pending list empty; the list is taken whole instead of popped
+    from the front one event at a time."""
+    out: list[Any] = []
+    for a in uow._staged.values():
+        pending = a._pending_events  # type: ignore[attr-defined]
+        if pending:
+            out += pending
+            pending.clear()
+    return out
 
 
 _new_object = object.__new__
