@@ -27,10 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from eventsourcing.domain import Aggregate
+
 from simulations.baseline import BareQueue
 from simulations.runner import build_world
 from simulations.scenario import Resolved, load_scenario, with_overrides
 from simulations.systems import make_system, real_available
+from store.chain import ChainedAggregate
+from store.factory import MEMORY_URL, StoreConfig, open_app
 
 TARGET_REAL_JOBS_PER_S = 20_000
 
@@ -77,51 +81,75 @@ def measure(res: Resolved, make: Callable[[], Any], repeat: int) -> dict[str, An
     return best
 
 
-def event_floor_us(events: int = 30_000, repeat: int = 3) -> dict[str, float]:
-    """What the event-sourcing library alone costs per event on the simulator's store, in
-    microseconds (median of ``repeat``): a plain ``eventsourcing`` aggregate with one
-    two-field event, no rules and none of our code (no hash chain, no unit of work) -
-    trigger (event object + apply), collect, map (``to_stored_event``: encode) and insert
-    into the in-memory recorder in batches of 5. Multiplied by the real system's events
-    per Job it gives a ceiling on Jobs/s that no amount of work on the rules can pass
-    while every Job is ~7 events of this library (see docs/SIMULATOR.md, "Speed")."""
-    from eventsourcing.domain import Aggregate
+class _Probe(Aggregate):
+    """The floor probe: a plain library aggregate with one two-field event."""
 
-    from store.factory import MEMORY_URL, StoreConfig, open_app
+    def __init__(self, n: int) -> None:
+        self.n = n
 
-    class Probe(Aggregate):
-        def __init__(self, n: int) -> None:
-            self.n = n
+    class Bumped(Aggregate.Event):
+        amount: int
+        note: str
 
-        class Bumped(Aggregate.Event):
-            amount: int
-            note: str
+        def apply(self, agg: Any) -> None:
+            agg.n += self.amount
 
-            def apply(self, agg: Any) -> None:
-                agg.n += self.amount
 
+class _ChainedProbe(ChainedAggregate):
+    """The same probe with the hash chain every aggregate of ours carries (decision 0040)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    class Bumped(ChainedAggregate.Event):
+        amount: int
+        note: str
+
+        def apply(self, agg: Any) -> None:
+            agg.n += self.amount
+
+
+def event_floor_us(events: int = 30_000, repeat: int = 5, *, chained: bool = False) -> dict[str, float]:
+    """What one event costs with no rule at all, in microseconds (median of ``repeat``): a
+    plain ``eventsourcing`` aggregate with one two-field event (``chained``: with our hash
+    chain, as every aggregate of ours), no unit of work - trigger (event object, chain hash,
+    apply), collect, map (``to_stored_event``: encode) and insert into the simulator's
+    in-memory recorder in batches of 5, through the store's own mapper and recorder, the
+    cyclic collector paused as in ``World.run``. Multiplied by the real system's events per
+    Job it gives a ceiling on Jobs/s that no work on the rules can pass while every Job is
+    ~7 such events (see docs/SIMULATOR.md, "Speed")."""
     runs: list[dict[str, float]] = []
-    for _ in range(max(1, repeat)):
-        app = open_app(StoreConfig(database_url=MEMORY_URL, data_dir=Path(".")))
-        aggs = [Probe(0) for _ in range(100)]
-        for a in aggs:
-            a.collect_events()  # the creation events are not measured
-        t0 = time.perf_counter()
-        for i in range(events):
-            aggs[i % 100].trigger_event(Probe.Bumped, amount=1, note="x")
-        t1 = time.perf_counter()
-        pending = [e for a in aggs for e in a.collect_events()]
-        t2 = time.perf_counter()
-        stored = [app.mapper.to_stored_event(e) for e in pending]
-        t3 = time.perf_counter()
-        for k in range(0, len(stored), 5):
-            app.recorder.insert_events(stored[k:k + 5])
-        t4 = time.perf_counter()
-        assert len(stored) == events
-        runs.append({"trigger": t1 - t0, "collect": t2 - t1, "map": t3 - t2, "insert": t4 - t3})
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(max(1, repeat)):
+            runs.append(_floor_once(_ChainedProbe if chained else _Probe, events))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     out = {k: 1e6 * statistics.median(r[k] for r in runs) / events for k in runs[0]}
     out["total"] = sum(out.values())
     return out
+
+
+def _floor_once(probe: Any, events: int) -> dict[str, float]:
+    app = open_app(StoreConfig(database_url=MEMORY_URL, data_dir=Path(".")))
+    aggs = [probe(0) for _ in range(100)]
+    for a in aggs:
+        a.collect_events()  # the creation events are not measured
+    t0 = time.perf_counter()
+    for i in range(events):
+        aggs[i % 100].trigger_event(probe.Bumped, amount=1, note="x")
+    t1 = time.perf_counter()
+    pending = [e for a in aggs for e in a.collect_events()]
+    t2 = time.perf_counter()
+    stored = [app.mapper.to_stored_event(e) for e in pending]
+    t3 = time.perf_counter()
+    for k in range(0, len(stored), 5):
+        app.recorder.insert_events(stored[k:k + 5])
+    t4 = time.perf_counter()
+    assert len(stored) == events
+    return {"trigger": t1 - t0, "collect": t2 - t1, "map": t3 - t2, "insert": t4 - t3}
 
 
 AREAS = (  # (label, path fragment) for --profile, first match wins
@@ -189,15 +217,18 @@ def main(argv: list[str] | None = None) -> dict:
                   real_us_per_job=round(1e6 * real["wall_s"] / real["jobs"]), real_vs_bare=round(ratio, 5),
                   meets_target=real["jobs_per_s"] >= TARGET_REAL_JOBS_PER_S, log_digest_bare=bare["log_digest"],
                   log_digest_real=real["log_digest"])
-    floor = event_floor_us()
     events_per_job = (m.committer.stats.events - real["setup_events"]) / real["jobs"]
-    ceiling = 1e6 / (floor["total"] * events_per_job)
-    print(f"  event-sourcing library floor: {floor['total']:.2f} us per event (trigger {floor['trigger']:.2f}, "
-          f"collect {floor['collect']:.2f}, map {floor['map']:.2f}, insert {floor['insert']:.2f}); x "
-          f"{events_per_job:.2f} events per Job = {floor['total'] * events_per_job:.0f} us per Job before any "
-          f"rule runs: ceiling {ceiling:,.0f} Jobs/s; real rules reach {real['jobs_per_s'] / ceiling:.2f} of it")
-    result.update(event_floor_us=round(floor["total"], 3), events_per_job=round(events_per_job, 3),
-                  event_floor_ceiling_jobs_per_s=round(ceiling), real_vs_ceiling=round(real["jobs_per_s"] / ceiling, 4))
+    for label, chained in (("library", False), ("chained", True)):
+        floor = event_floor_us(chained=chained)
+        ceiling = 1e6 / (floor["total"] * events_per_job)
+        print(f"  {label} event floor: {floor['total']:.2f} us per event (trigger {floor['trigger']:.2f}, collect "
+              f"{floor['collect']:.2f}, map {floor['map']:.2f}, insert {floor['insert']:.2f}) x {events_per_job:.2f} "
+              f"events per Job = {floor['total'] * events_per_job:.0f} us per Job before any rule runs: ceiling "
+              f"{ceiling:,.0f} Jobs/s; the real rules reach {real['jobs_per_s'] / ceiling:.2f} of it")
+        result.update({f"{label}_event_floor_us": round(floor["total"], 3),
+                       f"{label}_event_floor_ceiling_jobs_per_s": round(ceiling),
+                       f"real_vs_{label}_ceiling": round(real["jobs_per_s"] / ceiling, 4)})
+    result["events_per_job"] = round(events_per_job, 3)
     if args.profile:
         split = profile_real(res)
         print("  where the real system's time goes (cProfile self time):")
