@@ -678,14 +678,10 @@ class CandidateIndex:
             base = moved[cargo] = base_score(new, cargo, weights)
             old_entry = (-old_base, island_id)
             entry = (-base, island_id)
-            pool = pools[(cargo, None)][region]
-            pool.entries.remove(old_entry)
-            pool.add(entry, new)
+            _resort(pools[(cargo, None)][region], old_entry, entry, new)
             for model, by_region, by_warm in self._pairs.get(cargo, ()):
                 if model in models:
-                    pool = by_region[region]
-                    pool.entries.remove(old_entry)
-                    pool.add(entry, new)
+                    _resort(by_region[region], old_entry, entry, new)
                     if model in warm_models:
                         entries = by_warm[region]
                         entries.remove(old_entry)
@@ -761,6 +757,12 @@ def _add(
         by_region[region] = _Pool(region, cargo, [entry], islands)
     else:
         pool.add(entry, island)
+
+
+def _resort(pool: _Pool, old_entry: _Entry, entry: _Entry, island: IslandView) -> None:
+    """Move an Island's entry within one pool (its score changed; bounds widen with it)."""
+    pool.entries.remove(old_entry)  # ValueError here = index corrupted
+    pool.add(entry, island)
 
 
 def _discard(by_region: _Pools, region: str, entry: _Entry) -> None:

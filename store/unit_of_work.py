@@ -329,7 +329,7 @@ class GroupCommitter:
                                 self._give_up(items, attempt)
                                 items, nxt = [], None
                                 break
-                            time.sleep(self._jitter.uniform(0, min(0.05, 0.001 * (2 ** attempt))))
+                            self._back_off(attempt)
                             continue
                     break
                 if nxt is not None:
@@ -354,6 +354,11 @@ class GroupCommitter:
             raise
         finally:
             io.shutdown(wait=True)
+
+    def _back_off(self, attempt: int) -> None:
+        """Before re-running a batch that hit a version conflict: a jittered exponential
+        pause (at most 50 ms), so racing writers do not collide again in lockstep."""
+        time.sleep(self._jitter.uniform(0, min(0.05, 0.001 * (2 ** attempt))))
 
     def _give_up(self, items: list[tuple[Command, Future, bool]], attempts: int) -> None:
         err = _conflict_error(attempts)
@@ -515,7 +520,7 @@ class GroupCommitter:
                     attempt += 1
                     if attempt >= self.max_conflict_retries:
                         return False, _conflict_error(attempt)
-                    time.sleep(self._jitter.uniform(0, min(0.05, 0.001 * (2 ** attempt))))
+                    self._back_off(attempt)
                     continue
                 except BaseException as exc:  # noqa: BLE001 - database down etc.
                     self._evict(uow._staged)
