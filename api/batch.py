@@ -36,7 +36,7 @@ import structlog
 from eventsourcing.domain import Aggregate
 from eventsourcing.utils import get_topic
 
-from api.broker import done_event, error_event, progress_event, status_event, usage_out
+from streams.frames import done_event, error_event, progress_event, status_event, usage_out
 from api.errors import ApiError, from_refusal, validation_failed
 from api.schemas import (
     BatchChildOut,

@@ -21,7 +21,7 @@ from litestar import MediaType, Request, Response, Router, delete, get, post
 from litestar.params import FromPath, JSONBody, Parameter
 from litestar.response import Stream
 
-from api import broker as br
+from streams import frames as br
 from api.batch import Batch, BatchSnapshot
 from api.errors import ApiError, not_found, unauthorized, validation_failed
 from api.keys import ApiKey, KeyError_, KeyInfo
@@ -60,7 +60,7 @@ from store.clock import datetime_to_ms, ms_to_datetime
 from store.unit_of_work import UnitOfWork
 
 if TYPE_CHECKING:
-    from api.app import ApiServices
+    from api.services import ApiServices
 
 LOW_BALANCE_MICRO = 10_000_000  # "low_balance" under 10 credits
 TERMINAL_GRACE_S = 5.0  # a finished Job whose stream has no final event gets one synthesised after this

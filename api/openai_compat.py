@@ -24,7 +24,7 @@ from litestar import MediaType, Request, Response, get, post
 from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
-from api import broker as br
+from streams import frames as br
 from api.errors import ApiError, validation_failed
 from api.schemas import (
     ChatChoice,
@@ -39,12 +39,12 @@ from api.schemas import (
     ModelOut,
     encode,
 )
-from scheduler.catalog import Cargo
+from scheduler.cargo import Cargo
 from scheduler.jobs import TERMINAL
 from scheduler.service import JobView
 
 if TYPE_CHECKING:
-    from api.app import ApiServices
+    from api.services import ApiServices
 
 log = structlog.get_logger("api.openai")
 

@@ -166,8 +166,8 @@ def coordinator_env(data_dir: Path, postgres: bool, schema: str, **extra: str) -
 def make_accounts(env: dict[str, str], n: int) -> list[str]:
     """Accounts with plenty of credits and an API key each, written before the server starts."""
     from api.keys import KeyStore
-    from api.settings import Settings
-    from api.wiring import build
+    from config.settings import Settings
+    from coordinator.wiring import build
 
     c = build(Settings.from_env(env))
     keys = []
@@ -183,7 +183,7 @@ def make_accounts(env: dict[str, str], n: int) -> list[str]:
 
 
 def start_coordinator(env: dict[str, str], port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL)
 
 

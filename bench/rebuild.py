@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import threading
 import time
 import uuid
 from pathlib import Path
 
-from bench.common import percentile, ratio
+from bench.common import ratio
 from ledger.service import LedgerConfig, fund_in, open_account_in
 from ledger import names
 from scheduler import commands as cmd
@@ -241,7 +240,7 @@ def run_live(seconds: float, mode: str) -> dict:
             open_app(store).close()  # create the schema and the events table
             env = {k: v for k, v in os.environ.items() if not k.startswith("COORDINATOR_")}
             env.update(COORDINATOR_DATABASE_URL=_pg_url(), COORDINATOR_DB_SCHEMA=schema)
-            proc = subprocess.Popen([sys.executable, "-m", "api.cli", "projections", "run"], env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "projections", "run"], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             commits: list[tuple[int, float]] = []
             base = lc.GroupCommitter

@@ -23,7 +23,8 @@ import random
 import time
 
 from bench.common import percentile, ratio
-from routing.index import CandidateIndex, full_scan_choose
+from routing.full_scan import full_scan_choose
+from routing.index import CandidateIndex
 from routing.types import Decision, IslandView, JobNeeds, NoCandidate, Weights
 
 # slug -> (models, vram_mb, ram_mb, typical ask in micro-credits, min hardware tier)

@@ -43,7 +43,7 @@ def _uvloop() -> None:
 
 # ------------------------------------------------------------------ publisher process
 async def _publish(prefix: str, job_ids: list[str], rate: float, seconds: float, start: mp.Event) -> int:
-    from api.broker import RedisStreamBroker
+    from streams.redis import RedisStreamBroker
 
     broker = RedisStreamBroker(REDIS_URL, prefix=prefix, retention_s=600, live_ttl_s=600, max_events=100_000)
     await broker.start()

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from api import island_protocol as p
+from protocol import island as p
 from island.backends import Backend, BackendError
 
 log = structlog.get_logger("island")

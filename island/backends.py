@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from api.island_protocol import Capabilities
+from protocol.island import Capabilities
 from island.png import procedural_png
 
 CHAT_MODELS = ["mistral-7b-instruct", "llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "tinyllama-1.1b-chat",

@@ -20,8 +20,8 @@ from ledger import names
 from projections.islands import ISLANDS, KARMA_HISTORY
 from projections.jobs import JOB_COLUMNS, job_row_to_dict, list_jobs_sql
 from projections.ledger import ACCOUNTS, BALANCES, ENTRIES, HOLDS
-from projections.runner import TRACKING, ProjectionRunner
 from projections.sql import Conn, Database, Table
+from projections.tracking import TRACKING
 from store.clock import ms_to_datetime
 from store.factory import StoreConfig
 
@@ -34,7 +34,7 @@ def _dicts(table: Table, rows: list[tuple]) -> list[dict[str, Any]]:
 
 
 class ReadModels:
-    def __init__(self, db: Database, runner: ProjectionRunner | None = None) -> None:
+    def __init__(self, db: Database, runner: Any = None) -> None:
         self.db = db
         self.runner = runner
         self._local = threading.local()

@@ -24,8 +24,10 @@ import structlog
 from eventsourcing.application import Application
 
 from projections.engine import Projection
-from projections.runner import TRACKING, ProjectionRunner, select_projections
+from projections.catalog import select_projections
+from projections.runner import ProjectionRunner
 from projections.sql import Conn, Database, Table
+from projections.tracking import TRACKING
 from store.factory import max_position
 
 

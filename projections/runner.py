@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from datetime import timedelta
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -38,7 +38,9 @@ from eventsourcing.application import Application
 
 from projections import metrics
 from projections.engine import Projection, TableState, Work
-from projections.sql import INT, TEXT, Conn, Database, Table
+from projections.catalog import all_projections
+from projections.sql import Conn, Database
+from projections.tracking import TRACKING
 from store.clock import EPOCH as _EPOCH
 from store.factory import max_position
 
@@ -48,14 +50,6 @@ def log() -> structlog.BoundLogger:
     """A fresh logger per use: structlog caches a logger on first use together with the
     stream it was configured with, which outlives that stream in tests and tools."""
     return structlog.get_logger("projections")
-
-TRACKING = Table(
-    "proj_tracking",
-    (("name", TEXT), ("position", INT), ("generation", INT), ("version", INT), ("events", INT),
-     ("updated_at_ms", INT)),
-    key=("name",),
-)
-
 
 _ONE_MS = timedelta(milliseconds=1)
 DEFER_LIMIT = 300_000
@@ -68,30 +62,6 @@ class StaleTracking(Exception):
 
 class InjectedFault(Exception):
     """Raised by test fault hooks."""
-
-
-def all_projections() -> list[Projection]:
-    from projections.islands import IslandsProjection
-    from projections.jobs import JobsProjection
-    from projections.ledger import LedgerProjection
-
-    return [JobsProjection(), IslandsProjection(), LedgerProjection()]
-
-
-def projection_names() -> list[str]:
-    return [p.name for p in all_projections()]
-
-
-def select_projections(names: Iterable[str] | None) -> list[Projection]:
-    every = all_projections()
-    if not names:
-        return every
-    wanted = list(names)
-    known = {p.name for p in every}
-    unknown = [n for n in wanted if n not in known]
-    if unknown:
-        raise KeyError(f"unknown projection {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    return [p for p in every if p.name in wanted]
 
 
 def _decoder(app: Application) -> Callable[[bytes], dict]:
@@ -114,8 +84,10 @@ class ProjectionRunner:
     def __init__(self, app: Application, db: Database, projections: Sequence[Projection] | None = None, *,
                  suffix: str = "", track: bool = True, page_size: int = 1_000, cache_rows: int = 100_000,
                  poll_interval_s: float = 0.05, conn: Conn | None = None, defer_upserts: bool = False,
-                 max_page_size: int | None = None) -> None:
+                 max_page_size: int | None = None,
+                 rebuild: Callable[[Application, Database, list[str]], Any] | None = None) -> None:
         assert page_size > 0
+        self.rebuild_fn = rebuild  # rebuilds projections whose version changed (projections/rebuild.py)
         self.app = app
         self.db = db
         self.projections = list(projections) if projections is not None else all_projections()
@@ -561,8 +533,10 @@ class ProjectionRunner:
             self._wake.clear()
 
     def _rebuild_stale(self) -> None:
-        from projections.rebuild import rebuild
-
+        rebuild = self.rebuild_fn
+        if rebuild is None:  # a runner built without one (tests, tools): leave it to `projections rebuild`
+            log().error("projection_version_changed_rebuild_needed", projections=list(self.needs_rebuild))
+            return
         names = list(self.needs_rebuild)
         log().warning("projection_version_changed_rebuilding", projections=names)
         try:

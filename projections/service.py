@@ -16,8 +16,9 @@ from typing import Any
 
 from eventsourcing.application import Application
 
-from projections.jobs import JobsView
+from projections.jobs_view import JobsView
 from projections.reader import ReadModels
+from projections.rebuild import rebuild
 from projections.runner import ProjectionRunner
 from projections.sql import Database
 from store.factory import StoreConfig
@@ -28,7 +29,7 @@ class Projections:
                  setup: bool = True) -> None:
         self.app = app
         self.db = db
-        self.runner = ProjectionRunner(app, db, page_size=page_size, poll_interval_s=poll_interval_s)
+        self.runner = ProjectionRunner(app, db, page_size=page_size, poll_interval_s=poll_interval_s, rebuild=rebuild)
         if setup:
             self.runner.setup()
         else:

@@ -3,7 +3,8 @@ incrementally maintained candidate index, and karma arithmetic. No I/O, no clock
 global random, no imports of other project packages. See docs/ROUTING.md."""
 
 from routing.filters import eligible
-from routing.index import CandidateIndex, full_scan_choose
+from routing.full_scan import full_scan_choose
+from routing.index import CandidateIndex
 from routing.karma import (
     DEFAULT_RATES,
     Accrual,

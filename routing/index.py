@@ -50,8 +50,8 @@ from collections.abc import Iterable
 import msgspec
 from sortedcontainers import SortedList
 
-from routing.filters import eligible, is_available, residual_reason
-from routing.score import base_score, score, warm_bonus
+from routing.filters import is_available, residual_reason
+from routing.score import base_score, score, tie_break
 from routing.types import REASONS, STRUCTURAL_REASONS, Decision, IslandView, JobNeeds, NoCandidate, Weights
 
 _Entry = tuple[float, str]  # (-base score, island id): ascending = best first
@@ -184,14 +184,6 @@ class _Pool:
 
 _Pools = dict[str, _Pool]  # region -> pool
 _Warm = dict[str, SortedList]  # region -> warm list
-
-
-def _pick(ties: list[str], rng: random.Random) -> str:
-    """Deterministic tie-break shared by both implementations."""
-    if len(ties) == 1:
-        return ties[0]
-    ties.sort()
-    return rng.choice(ties)
 
 
 def _head(pool: _Pool) -> _Entry:
@@ -511,7 +503,7 @@ class CandidateIndex:
             return self._no_candidate(needs, considered, refused)
 
         tied = len(ties)
-        winner = _pick(ties, rng)
+        winner = tie_break(ties, rng)
         breakdown = score(islands[winner], needs, self._weights)
         assert breakdown.total == best, (winner, breakdown.total, best)
         return Decision(
@@ -770,51 +762,3 @@ def _discard(by_region: _Pools, region: str, entry: _Entry) -> None:
     pool.entries.remove(entry)  # ValueError here = index corrupted
     if not pool.entries:
         del by_region[region]
-
-
-def full_scan_choose(
-    islands: Iterable[IslandView], needs: JobNeeds, weights: Weights, rng: random.Random
-) -> Decision | NoCandidate:
-    """Baseline and reference: filter every Island, score the eligible ones, take the max
-    (ties: sorted ids, ``rng.choice``). Same result as ``CandidateIndex.choose``."""
-    best = _NEG_INF
-    ties: list[str] = []
-    fleet = 0
-    considered = 0
-    n_eligible = 0
-    refusals_by_reason: dict[str, int] = {}
-    by_id: dict[str, IslandView] = {}
-    for island in islands:
-        fleet += 1
-        reason = eligible(island, needs)
-        if reason is not None:
-            refusals_by_reason[reason] = refusals_by_reason.get(reason, 0) + 1
-            if reason not in STRUCTURAL_REASONS:
-                considered += 1
-            continue
-        considered += 1
-        n_eligible += 1
-        total = base_score(island, needs.cargo, weights) + warm_bonus(island, needs, weights)
-        if total > best:
-            best = total
-            ties = [island.island_id]
-            by_id = {island.island_id: island}
-        elif total == best:
-            ties.append(island.island_id)
-            by_id[island.island_id] = island
-    if not ties:
-        refusals = {r: refusals_by_reason[r] for r in REASONS if r in refusals_by_reason}
-        return NoCandidate(fleet_size=fleet, refusals=refusals)
-    tied = len(ties)
-    winner = _pick(ties, rng)
-    breakdown = score(by_id[winner], needs, weights)
-    assert breakdown.total == best
-    return Decision(
-        island_id=winner,
-        score=breakdown,
-        fleet_size=fleet,
-        candidates_considered=considered,
-        candidates_examined=considered,
-        candidates_eligible=n_eligible,
-        tied=tied,
-    )

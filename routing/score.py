@@ -20,6 +20,8 @@ reproducibility rely on.
 
 from __future__ import annotations
 
+import random
+
 from routing.types import IslandView, JobNeeds, ScoreBreakdown, Weights
 
 
@@ -66,3 +68,11 @@ def score(island: IslandView, needs: JobNeeds, weights: Weights) -> ScoreBreakdo
         warm_model=warm_part,
         total=base + warm_part,
     )
+
+
+def tie_break(ties: list[str], rng: random.Random) -> str:
+    """Deterministic tie-break shared by the index and the full scan."""
+    if len(ties) == 1:
+        return ties[0]
+    ties.sort()
+    return rng.choice(ties)

@@ -15,7 +15,8 @@ import msgspec
 
 from ledger import errors as lerr
 from ledger.pricing import credits_to_micro
-from scheduler.catalog import Cargo, Catalog
+from scheduler.cargo import Cargo
+from scheduler.catalog import Catalog
 from scheduler.validation import ChatInput, ImageInput, InvalidInput, validate_input, worst_case_micro
 
 INVALID_INPUT = "invalid_input"

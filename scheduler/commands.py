@@ -390,6 +390,15 @@ def set_island_approval_in(uow: UnitOfWork, island_id: UUID, approved: bool, *, 
     return island
 
 
+def set_island_draining_in(uow: UnitOfWork, island_id: UUID, draining: bool, *, by: str, reason: str) -> bool:
+    """Start or end a drain. Returns False (and writes nothing) if it already was so."""
+    island = load_island(uow, island_id)
+    if island.draining == draining:
+        return False
+    island.trigger_event(Island.DrainChanged, draining=draining, by=by, reason=reason, timestamp=_ts(uow))
+    return True
+
+
 def set_island_online_in(uow: UnitOfWork, island_id: UUID, online: bool, reason: str = "") -> Island:
     island = load_island(uow, island_id)
     if island.online != online:

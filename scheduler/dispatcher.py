@@ -374,6 +374,8 @@ class DispatchCore:
             self.registry.set_approved(island_id, True)
         elif isinstance(ev, Island.Suspended):
             self.registry.set_approved(island_id, False)
+        elif isinstance(ev, Island.DrainChanged):
+            self.registry.set_draining(island_id, ev.draining)
         elif isinstance(ev, Island.CapabilitiesChanged):
             self.registry.set_capabilities(island_id, ev.capabilities)
         elif isinstance(ev, Island.KarmaChanged):

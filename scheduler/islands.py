@@ -31,6 +31,7 @@ class Island(ChainedAggregate):
         self.karma_carry = 0
         self.jobs_completed = 0
         self.jobs_failed = 0
+        self.draining = False
 
     class Approved(ChainedAggregate.Event):
         by: str
@@ -45,6 +46,17 @@ class Island(ChainedAggregate):
 
         def apply(self, island: Island) -> None:
             island.approval = SUSPENDED
+
+    class DrainChanged(ChainedAggregate.Event):
+        """An operator drains an Island (`draining` true: no new Jobs are offered, running
+        ones finish) or ends the drain. Approval is unchanged."""
+
+        draining: bool
+        by: str
+        reason: str
+
+        def apply(self, island: Island) -> None:
+            island.draining = self.draining
 
     class CapabilitiesChanged(ChainedAggregate.Event):
         capabilities: dict

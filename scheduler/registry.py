@@ -90,8 +90,11 @@ class IslandRecord:
     warm_models: frozenset[str] = frozenset()
     active: set[UUID] = field(default_factory=set)  # Jobs assigned to or running on it
     ordinal: int = 0  # registration order (stale Islands are reported in this order)
+    draining: bool = False  # an operator's drain: no new Jobs, running ones finish
 
     def slots_free(self) -> int:
+        if self.draining:
+            return 0
         return max(0, self.slots_total - len(self.active))
 
     def view(self) -> IslandView:
@@ -148,6 +151,12 @@ class Registry:
         rec = self.islands.get(island_id)
         if rec is not None and rec.approved != approved:
             rec.approved = approved
+            self._sync(rec)
+
+    def set_draining(self, island_id: str, draining: bool) -> None:
+        rec = self.islands.get(island_id)
+        if rec is not None and rec.draining != draining:
+            rec.draining = draining
             self._sync(rec)
 
     def set_capabilities(self, island_id: str, capabilities: dict[str, Any]) -> None:

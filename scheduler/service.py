@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 import threading
 import uuid
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from scheduler.dispatcher import SCHEDULER_TOPICS, DispatchCore, LeaderLock, Sch
 from scheduler.islands import Island
 from scheduler.jobs import Job
 from scheduler.registry import parse_capabilities
+from protocol.island import make_token
 from store.clock import Clock, IdSource
 from store.unit_of_work import GroupCommitter, UnitOfWork
 
@@ -97,15 +97,6 @@ class IslandCredentials:
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-ISLAND_TOKEN_PREFIX = "it_"
-
-
-def make_island_token(island_id: UUID) -> str:
-    """A self-identifying Island token: `it_<island id hex>_<256-bit secret>`; the id part
-    finds the Island without an index, only the SHA-256 of the whole token is stored."""
-    return f"{ISLAND_TOKEN_PREFIX}{island_id.hex}_{secrets.token_urlsafe(32)}"
 
 
 class Scheduler:
@@ -300,13 +291,16 @@ class Scheduler:
                         ) -> IslandCredentials:
         caps = parse_capabilities(capabilities)
         island_id = island_id or self.ids.new_uuid()
-        token = token or make_island_token(island_id)
+        token = token or make_token(island_id)
         self._run(lambda uow: cmd.register_island_in(uow, self.config, island_id, owner_account_id, name[:128],
                                                      hash_token(token), caps, approve=approve))
         return IslandCredentials(str(island_id), token)
 
     def set_island_approval(self, island_id: UUID, approved: bool, *, by: str, reason: str) -> None:
         self._run(lambda uow: cmd.set_island_approval_in(uow, island_id, approved, by=by, reason=reason))
+
+    def set_island_draining(self, island_id: UUID, draining: bool, *, by: str, reason: str) -> bool:
+        return self._run(lambda uow: cmd.set_island_draining_in(uow, island_id, draining, by=by, reason=reason))
 
     def adjust_island_karma(self, island_id: UUID, delta_milli: int, *, by: str,
                             reason: str) -> cmd.KarmaAdjustment:

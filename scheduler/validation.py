@@ -25,7 +25,7 @@ from ledger.pricing import (
     estimate_prompt_tokens,
     image_price_micro,
 )
-from scheduler.catalog import Cargo
+from scheduler.cargo import Cargo
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",

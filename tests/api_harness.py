@@ -17,9 +17,10 @@ from typing import Any
 
 import httpx
 
-from api.app import ApiServices, build_services
-from api.server import CoordinatorServer, make_server
-from api.settings import Settings
+from api.services import ApiServices
+from coordinator.app import build_services
+from coordinator.server import CoordinatorServer, make_server
+from config.settings import Settings
 from store.factory import StoreConfig
 from tests.conftest import REDIS_URL, drop_schema, env_for, make_store, require_redis
 
@@ -301,7 +302,7 @@ class ServerProcess:
         import sys
 
         env = {**env, "COORDINATOR_LOG_FORMAT": "json", "COORDINATOR_LOG_LEVEL": "info"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", "0"], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--port", "0"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.lines: list[str] = []

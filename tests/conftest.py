@@ -12,7 +12,7 @@ import pytest
 
 from store.factory import StoreConfig, parse_postgres_url
 
-from api.logs import configure_logging
+from coordinator.logs import configure_logging
 
 configure_logging("console", "warning")
 

@@ -1,6 +1,6 @@
 """Test harness for the Island channel (tests/test_island_*.py): the coordinator's real
-HTTP app (api/app.py) with the Island routes mounted (what the lead will wire into
-api/app.py), served by uvicorn on 127.0.0.1:<ephemeral> in a thread, or as a separate
+HTTP app (coordinator/app.py) with the Island routes mounted (what the lead will wire into
+coordinator/app.py), served by uvicorn on 127.0.0.1:<ephemeral> in a thread, or as a separate
 process (`python -m tests.island_harness serve`, which prints one JSON line with its URL).
 
 When `coordinator serve` mounts the Island routes itself, the process tests switch to it
@@ -21,23 +21,20 @@ from typing import Any
 
 import uvicorn
 
-OPERATOR_TOKEN = "op-test-token"
+OPERATOR_TOKEN = "op-test-token-0123456789"
 
 
 def mount_islands(services: Any, *, operator_token: str | None = OPERATOR_TOKEN) -> tuple[Any, Any]:
     """The API app with the Island channel, registration and operator routes."""
-    import api.auth
-    from api.app import create_app
-    from api.island_channel import ChannelSettings, build_island_channel, island_routes
+    from admin.http import operator_router
+    from coordinator.app import create_app, island_routes, island_views
+    from islandlink.channel import ChannelSettings, build_island_channel
 
-    if "/operator/" not in api.auth.OPEN_PATHS:  # the operator routes authenticate themselves
-        api.auth.OPEN_PATHS = (*api.auth.OPEN_PATHS, "/operator/")
-    settings = ChannelSettings.from_env()
-    if operator_token:
-        settings = ChannelSettings(**{**settings.__dict__, "operator_token": operator_token})
-    channel = build_island_channel(services.coordinator, services.broker, settings)
-    app = create_app(services)
-    for handler in island_routes(channel, operator=True):
+    channel = build_island_channel(services.coordinator, services.broker, ChannelSettings.from_env())
+    views = island_views(channel)
+    admin = operator_router(services, islands=views, token=operator_token)
+    app = create_app(services, extra_handlers=[admin], open_paths=("/api/v1/admin",))
+    for handler in island_routes(channel, views):
         app.register(handler)
     app.on_startup.append(channel.start)
     app.on_shutdown.append(channel.close)
@@ -45,7 +42,7 @@ def mount_islands(services: Any, *, operator_token: str | None = OPERATOR_TOKEN)
 
 
 def make_island_server(services: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[Any, Any]:
-    from api.server import CoordinatorServer
+    from coordinator.server import CoordinatorServer
 
     app, channel = mount_islands(services)
     config = uvicorn.Config(app, host=host, port=port, lifespan="on", log_config=None, access_log=False,
@@ -57,8 +54,8 @@ class ThreadServer:
     """The coordinator with the Island routes, in a thread of the test process."""
 
     def __init__(self, env: dict[str, str], *, with_projections: bool = False, **build_kwargs: Any) -> None:
-        from api.app import build_services
-        from api.settings import Settings
+        from coordinator.app import build_services
+        from config.settings import Settings
 
         self.settings = Settings.from_env(env)
         self.services = build_services(self.settings, with_projections=with_projections, **build_kwargs)
@@ -94,7 +91,7 @@ class ThreadServer:
         return account_id, secret
 
     def island(self, name: str = "isl", *, approve: bool = True, owner: uuid.UUID | None = None) -> tuple[str, str]:
-        from api.island_protocol import make_token
+        from protocol.island import make_token
 
         if owner is None:
             owner = uuid.uuid4()
@@ -123,9 +120,9 @@ def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.02) 
 def serve_main() -> int:
     """A coordinator process with the Island routes on 127.0.0.1:<free port>; prints
     {"url": ...} once listening; SIGTERM / SIGINT stop it gracefully."""
-    from api.app import build_services
-    from api.logs import configure_logging
-    from api.settings import Settings
+    from coordinator.app import build_services
+    from coordinator.logs import configure_logging
+    from config.settings import Settings
 
     settings = Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
@@ -140,9 +137,9 @@ def serve_main() -> int:
     threading.Thread(target=announce, daemon=True).start()
     import signal
 
-    from api.server import _raise_stop, _Stop
+    from coordinator.server import _raise_stop, _Stop
 
-    # as api/server.py: uvicorn shuts down gracefully, then re-raises the signal; we exit 0
+    # as coordinator/server.py: uvicorn shuts down gracefully, then re-raises the signal; we exit 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_stop)
     try:
@@ -179,7 +176,7 @@ class RawIsland:
 
         from websockets.sync.client import connect
 
-        from api import island_protocol as p
+        from protocol import island as p
 
         self.p = p
         self.ws = connect(p.ws_url(url), additional_headers={"Authorization": f"Bearer {token}"},

@@ -17,7 +17,7 @@ from tests.conftest import env_for, make_store
 
 
 def cli(env: dict[str, str], *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "api.cli", *args], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "coordinator.cli", *args], env=env, capture_output=True, text=True,
                          timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -62,6 +62,6 @@ def test_serve_accounts_key_sigterm_restart_sigint(tmp_path):
         assert cl.delete(f"/jobs/{job['id']}").json()["data"]["status"] == "cancelled"
     server.signal(signal.SIGINT)
     assert server.wait(30) == 0
-    verify = subprocess.run([sys.executable, "-m", "api.cli", "ledger", "verify"], env=env, capture_output=True,
+    verify = subprocess.run([sys.executable, "-m", "coordinator.cli", "ledger", "verify"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert verify.returncode == 0, verify.stderr

@@ -11,13 +11,8 @@ import pytest
 
 from ledger.pricing import MICRO_PER_CREDIT as C
 from ledger.pricing import ChatPricing, ImagePricing
-from scheduler.catalog import (
-    DEFAULT_CATALOG_PATH,
-    Cargo,
-    Catalog,
-    CatalogError,
-    UnknownCargo,
-)
+from scheduler.cargo import Cargo, CatalogError, UnknownCargo
+from scheduler.catalog import DEFAULT_CATALOG_PATH, Catalog
 
 VALID_CHAT = """
 [[cargo]]

@@ -17,8 +17,8 @@ import uuid
 import httpx
 import pytest
 
-from api import island_protocol as p
-from api.island_bus import BAD_SEQUENCE, OK, TOO_LARGE, MemoryChannelState, RedisChannelState
+from protocol import island as p
+from islandlink.state import BAD_SEQUENCE, OK, TOO_LARGE, MemoryChannelState, RedisChannelState
 from scheduler.dispatcher import AlwaysLeader
 from tests.conftest import REDIS_URL, drop_schema, make_store, require_redis
 from tests.island_harness import RawIsland, ThreadServer, wait_for

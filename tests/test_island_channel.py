@@ -12,7 +12,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from api import island_protocol as p
+from protocol import island as p
 from island.agent import AgentConfig, IslandAgent
 from island.backends import EchoBackend, ImageBackend
 from tests.island_harness import OPERATOR_TOKEN, RawIsland, ThreadServer, wait_for
@@ -307,11 +307,11 @@ def test_cancel_reaches_the_island_and_a_second_connection_replaces_the_first(sr
 def test_suspended_island_gets_nothing_and_operator_api(srv, consumer):
     _, client = consumer
     s_id, s_tok = srv.island("suspect")
-    op = httpx.Client(base_url=srv.url + "/operator/v1", timeout=10)
+    op = httpx.Client(base_url=srv.url + "/api/v1/admin", timeout=10)
     assert op.post(f"/islands/{s_id}/suspend", json={"reason": "x"}).status_code == 401
     headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
     assert op.post(f"/islands/{s_id}/suspend", json={}, headers=headers).status_code == 422  # a reason is required
-    r = op.post(f"/islands/{s_id}/suspend", json={"reason": "abuse report", "by": "ops"}, headers=headers)
+    r = op.post(f"/islands/{s_id}/suspend", json={"reason": "abuse report"}, headers={**headers, "X-Operator": "ops"})
     assert r.status_code == 200 and r.json()["data"]["approval"] == "suspended"
     s = RawIsland(srv.url, s_tok, caps=LITE)
     try:
@@ -320,8 +320,8 @@ def test_suspended_island_gets_nothing_and_operator_api(srv, consumer):
         jid = submit(client, "llm-chat-lite", CHAT_INPUT)
         s.nothing(p.Offer, 1.0)
         assert job(client, jid)["status"] == "queued"
-        listed = op.get("/islands", headers=headers).json()["data"]
-        assert next(i for i in listed if i["id"] == s_id)["approved"] is False
+        shown = op.get(f"/islands/{s_id}", headers=headers).json()["data"]
+        assert shown["id"] == s_id and shown["approval"] == "suspended"
         r = op.post(f"/islands/{s_id}/approve", json={"reason": "cleared"}, headers=headers)
         assert r.json()["data"]["approval"] == "approved"
         assert s.expect(p.Offer).job_id == jid  # approved: offers flow again
@@ -384,7 +384,7 @@ def test_openai_backend_agent_forwards_chat_jobs_with_real_usage(srv, consumer, 
 
 
 def test_agent_reconnects_and_resumes_its_running_job_exactly(srv, consumer, agents):
-    from api.island_channel import _Close
+    from islandlink.channel import _Close
 
     _, client = consumer
     iid, tok = srv.island("flaky-link")

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api import island_protocol as p
+from protocol import island as p
 from tests.island_harness import OPERATOR_TOKEN, RawIsland, subprocess_env, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,7 +87,7 @@ class World:
                             timeout=20)
 
     def operator(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url + "/operator/v1",
+        return httpx.Client(base_url=self.url + "/api/v1/admin",
                             headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"}, timeout=10)
 
     def online(self, name: str) -> bool:
@@ -115,16 +115,16 @@ ISLANDS = ("echo-a", "echo-b", "image", "lite-killed", "lite-slow", "suspect", "
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from api.island_protocol import make_token
+    from protocol.island import make_token
     from api.keys import KeyStore
-    from api.settings import Settings
-    from api.wiring import build
+    from config.settings import Settings
+    from coordinator.wiring import build
     from ledger.pricing import credits_to_micro
 
     tmp = tmp_path_factory.mktemp("isl-proc")
     data = tmp / "data"
     env = subprocess_env(data, COORDINATOR_LEASE_S="2", COORDINATOR_LEASE_RENEW_S="1", COORDINATOR_HEARTBEAT_S="1",
-                         COORDINATOR_ACK_TIMEOUT_S="3", COORDINATOR_OPERATOR_TOKEN=OPERATOR_TOKEN,
+                         COORDINATOR_ACK_TIMEOUT_S="3", COORDINATOR_ADMIN_TOKEN=OPERATOR_TOKEN,
                          COORDINATOR_RATE_LIMIT_PER_MIN="1000000")
     # accounts, an API key and the Islands, written before the coordinator process starts
     c = build(Settings.from_env(env))

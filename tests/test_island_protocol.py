@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from api import island_protocol as p
+from protocol import island as p
 from island.backends import BackendError, EchoBackend, ImageBackend, OpenAIBackend, tokenize
 from island.png import png_rgb, procedural_png, read_png_header
 from tests.island_harness import FakeOpenAI
@@ -213,7 +213,7 @@ async def _run_and_close(backend: Any, ctx: Any) -> Any:
 
 # ------------------------------------------------------------------ operator CLI
 def test_islands_cli(tmp_path, monkeypatch, capsys):
-    from api.cli import main
+    from coordinator.cli import main
 
     monkeypatch.setenv("COORDINATOR_DATA_DIR", str(tmp_path / "data"))
     for key in ("COORDINATOR_DATABASE_URL", "COORDINATOR_REDIS_URL", "COORDINATOR_AUTO_APPROVE_ISLANDS"):

@@ -131,7 +131,7 @@ def test_cli_adjusts_karma_and_refuses_bad_input_with_exit_2(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "api.cli", *args], env=env, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], env=env, capture_output=True, text=True,
                               timeout=60, cwd=root)
 
     owner = json.loads(cli("accounts", "create", "--email", "owner@example.com").stdout.strip().splitlines()[-1])

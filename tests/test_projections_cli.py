@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 
-from api.cli import main
+from coordinator.cli import main
 from ledger import audit, names
 from store.factory import iter_log, open_app
 from tests.conftest import env_for
@@ -22,7 +22,7 @@ def cli(store_config, monkeypatch, capsys):
     for k, v in env_for(store_config).items():
         monkeypatch.setenv(k, v)
     # main() would point structlog at pytest's captured stream, closed after this test
-    monkeypatch.setattr("api.logs.configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr("coordinator.logs.configure_logging", lambda *a, **k: None)
 
     def run(*argv: str) -> tuple[int, str, str]:
         code = main(list(argv))
@@ -38,8 +38,8 @@ def _json(out: str):
 
 def _ledger_activity() -> str:
     """A consumer with credits, one settled and one released hold (earnings for an owner)."""
-    from api.settings import Settings
-    from api.wiring import build
+    from config.settings import Settings
+    from coordinator.wiring import build
     from ledger.service import account_id_for_email
 
     c = build(Settings.from_env())

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ledger.service import Ledger, LedgerConfig
-from projections.jobs import JobsView, as_jobview_kwargs
+from projections.jobs import as_jobview_kwargs
+from projections.jobs_view import JobsView
 from projections.service import Projections
 from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from ledger import audit, names
 from projections.rebuild import rebuild, verify
-from projections.runner import ProjectionRunner, all_projections
+from projections.catalog import all_projections
+from projections.runner import ProjectionRunner
 from projections.service import Projections
 from projections.sql import Database
 from scheduler.admission import AdmissionRefused

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routing.filters import RULES, eligible, first_failing_rule
-from routing.index import CandidateIndex, full_scan_choose
+from routing.full_scan import full_scan_choose
+from routing.index import CandidateIndex
 from routing.score import base_score, score, total_score
 from routing.types import REASONS, Decision, IslandView, JobNeeds, NoCandidate, Weights
 

@@ -10,7 +10,8 @@ import uuid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routing.index import CandidateIndex, full_scan_choose
+from routing.full_scan import full_scan_choose
+from routing.index import CandidateIndex
 from routing.types import Decision, JobNeeds, NoCandidate, Weights
 from scheduler import registry as registry_module
 from scheduler.registry import Registry

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from api.cli import main
+from coordinator.cli import main
 from ledger.accounts import Account
 from ledger.service import Ledger, LedgerConfig
 from scheduler.catalog import Catalog
@@ -129,7 +129,7 @@ def stored_chain(config: StoreConfig, position: int) -> str:
 def verify(store_config, monkeypatch, capsys):
     for k, v in env_for(store_config).items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr("api.logs.configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr("coordinator.logs.configure_logging", lambda *a, **k: None)
 
     def run(*extra: str) -> tuple[int, dict, str]:
         code = main(["ledger", "verify", *extra])

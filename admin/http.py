@@ -20,6 +20,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from api.errors import ApiError, not_found, validation_failed
+from api.islands import IslandViews
 from api.schemas import encode
 from ledger import names
 from ledger.errors import AccountExists, LedgerError, UnknownAccount
@@ -54,6 +55,11 @@ class KycBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class KarmaBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     delta: str | int  # karma, a decimal string with at most 3 places ("10", "-2.5") or an integer
     reason: str
+
+
+class DrainBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    reason: str
+    draining: bool = True
 
 
 class SuspendBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -98,10 +104,11 @@ def operator_name(request: Request) -> str:
     return (request.headers.get("x-operator") or "operator").strip()[:64] or "operator"
 
 
-def operator_router(services: Any) -> Router:
-    """Routes under /api/v1/admin, guarded by the operator token."""
+def operator_router(services: Any, *, islands: IslandViews | None = None, token: str | None = None) -> Router:
+    """Routes under /api/v1/admin, guarded by the operator token (`token`, or the settings')."""
     c = services.coordinator
-    token = services.settings.admin_token
+    token = token or services.settings.admin_token
+    views = islands or IslandViews(c, lambda _island_id: False)
 
     def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         header = connection.headers.get("authorization", "")
@@ -190,6 +197,13 @@ def operator_router(services: Any) -> Router:
                                                     "slots_total": rec.slots_total, "latency_ms": rec.latency_ms}
         return _ok({"data": rows})
 
+    @get("/islands/{island_id:str}")
+    async def island(island_id: str) -> Response:
+        isl = await views.island(_uuid(island_id, "island"))
+        if isl is None:
+            raise not_found("island")
+        return _ok({"data": views.out(isl)})
+
     async def _approval(request: Request, island_id: str, data: ReasonBody, approved: bool) -> Response:
         isl = _uuid(island_id, "island")
         from scheduler.commands import NotYourJob
@@ -208,6 +222,19 @@ def operator_router(services: Any) -> Router:
     @post("/islands/{island_id:str}/suspend", status_code=200)
     async def suspend_island(request: Request, island_id: str, data: ReasonBody) -> Response:
         return await _approval(request, island_id, data, False)
+
+    @post("/islands/{island_id:str}/drain", status_code=200)
+    async def drain_island(request: Request, island_id: str, data: DrainBody) -> Response:
+        """Drain (no new Jobs, running ones finish) or end a drain (`draining: false`)."""
+        from scheduler.commands import NotYourJob
+
+        isl = _uuid(island_id, "island")
+        try:
+            changed = await asyncio.to_thread(c.scheduler.set_island_draining, isl, data.draining,
+                                              by=operator_name(request), reason=_reason(data.reason))
+        except NotYourJob:
+            raise not_found("island") from None
+        return _ok({"data": {"island_id": str(isl), "draining": data.draining, "changed": changed}})
 
     @post("/islands/{island_id:str}/karma", status_code=200)
     async def adjust_karma(request: Request, island_id: str, data: KarmaBody) -> Response:
@@ -233,7 +260,7 @@ def operator_router(services: Any) -> Router:
 
     # ---------------------------------------------------------------- cargos
     async def _switch(request: Request, slug: str, data: ReasonBody, enabled: bool) -> Response:
-        from scheduler.catalog import UnknownCargo
+        from scheduler.cargo import UnknownCargo
 
         try:
             changed = await asyncio.to_thread(c.scheduler.set_cargo_enabled, slug, enabled,
@@ -289,5 +316,5 @@ def operator_router(services: Any) -> Router:
         return _ok({"data": {k: (_credits(v) if k.endswith("_micro") else v) for k, v in raw.items()}})
 
     return Router(path="/api/v1/admin", guards=[guard],
-                  route_handlers=[create_account, grant, kyc, suspend, account, islands, approve, suspend_island,
+                  route_handlers=[create_account, grant, kyc, suspend, account, islands, island, approve, suspend_island, drain_island,
                                   adjust_karma, enable, disable, cargos, trial_balance, statement, queue, totals])

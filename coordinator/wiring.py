@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from uuid import UUID
 
-from api.settings import Settings
+from config.parts import Coordinator
+from config.settings import Settings
 from ledger.service import Ledger
 from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig
@@ -14,28 +14,8 @@ from scheduler.dispatcher import FanoutListener, LeaderLock, SchedulerListener
 from scheduler.leader import PostgresLeaderLock
 from scheduler.service import Scheduler
 from store.clock import Clock, IdSource, RandomIds, SystemClock
-from store.factory import EventStoreApp, open_app
+from store.factory import open_app
 from store.unit_of_work import GroupCommitter
-
-
-@dataclass
-class Coordinator:
-    settings: Settings
-    clock: Clock
-    ids: IdSource
-    app: EventStoreApp
-    committer: GroupCommitter
-    ledger: Ledger
-    catalog: Catalog
-    scheduler: Scheduler
-    listeners: FanoutListener  # add SchedulerListeners here (SSE publisher, Island channel)
-    # `coordinator accounts create` merges what this returns into its output (an API key).
-    after_account_created: Callable[[UUID], dict] | None = None
-
-    def close(self) -> None:
-        self.scheduler.stop()
-        self.committer.close()
-        self.app.close()
 
 
 def build(settings: Settings, *, clock: Clock | None = None, ids: IdSource | None = None,

@@ -1,5 +1,5 @@
 """`coordinator islands create|approve|suspend|list` (operators) and
-`coordinator island run` (the reference Island agent). Added to api/cli.py's parser by
+`coordinator island run` (the reference Island agent). Added to coordinator/cli.py's parser by
 `add_island_commands`; `island run` sets `standalone` so the CLI does not open the event
 store for it (an Island needs only the coordinator's URL and its token)."""
 
@@ -13,10 +13,11 @@ import sys
 import uuid
 from typing import Any
 
+from coordinator.cli_admin import add_island_action_parsers
+from coordinator.cli_common import UsageError, _print
+
 
 def _usage(message: str) -> Exception:
-    from api.cli import UsageError
-
     return UsageError(message)
 
 
@@ -27,15 +28,9 @@ def _uuid(text: str, what: str) -> uuid.UUID:
         raise _usage(f"not an {what} id: {text!r}") from None
 
 
-def _print(obj: Any) -> None:
-    from api.cli import _print as out
-
-    out(obj)
-
-
 # ------------------------------------------------------------------ operators
 def cmd_islands_create(c, args) -> int:
-    from api.island_protocol import make_token
+    from protocol.island import make_token
     from scheduler.commands import IslandExists
     from scheduler.registry import BadCapabilities
 
@@ -58,51 +53,6 @@ def cmd_islands_create(c, args) -> int:
     _print({"island_id": creds.island_id, "name": name, "owner_account_id": str(owner),
             "approval": "approved" if approved else "pending", "token": creds.token,
             "note": "the token is shown once; run: coordinator island run --server URL --token TOKEN"})
-    return 0
-
-
-def _set_approval(c, args, approved: bool) -> int:
-    from scheduler.commands import NotYourJob
-
-    island_id = _uuid(args.island_id, "island")
-    reason = (args.reason or "").strip()
-    if not approved and not reason:
-        raise _usage("--reason is required to suspend an Island")
-    try:
-        c.scheduler.set_island_approval(island_id, approved, by=args.by, reason=reason)
-    except NotYourJob:
-        raise _usage(f"unknown island {island_id}") from None
-    _print({"island_id": str(island_id), "approval": "approved" if approved else "suspended", "by": args.by,
-            "reason": reason})
-    return 0
-
-
-def cmd_islands_approve(c, args) -> int:
-    return _set_approval(c, args, True)
-
-
-def cmd_islands_suspend(c, args) -> int:
-    return _set_approval(c, args, False)
-
-
-def cmd_islands_karma(c, args) -> int:
-    """An operator's karma adjustment (decision 0041): the way back below a Cargo's gate."""
-    from routing.karma import parse_karma_milli
-    from scheduler.commands import BadKarmaAdjustment, NotYourJob
-
-    island_id = _uuid(args.island_id, "island")
-    reason = (args.reason or "").strip()
-    if not reason:
-        raise _usage("--reason is required (it is recorded with the adjustment)")
-    try:
-        delta_milli = parse_karma_milli(args.delta)
-        change = c.scheduler.adjust_island_karma(island_id, delta_milli, by=args.by, reason=reason)
-    except (ValueError, BadKarmaAdjustment) as exc:
-        raise _usage(f"delta: {exc}") from None
-    except NotYourJob:
-        raise _usage(f"unknown island {island_id}") from None
-    _print({"island_id": str(island_id), "karma_before": change.before_milli / 1000,
-            "karma": change.after_milli / 1000, "by": args.by, "reason": reason})
     return 0
 
 
@@ -188,7 +138,7 @@ def make_agent_config(args) -> Any:
 
 
 def cmd_island_run(_c, args) -> int:
-    from api.logs import configure_logging
+    from coordinator.logs import configure_logging
     from island.agent import IslandAgent
 
     token = args.token or os.environ.get("ISLAND_TOKEN")
@@ -227,19 +177,7 @@ def add_island_commands(sub: Any) -> None:
     cr.add_argument("--region", default=None)
     cr.add_argument("--approve", action="store_true", help="approve at once (otherwise pending)")
     cr.set_defaults(func=cmd_islands_create)
-    for name, fn, help_ in (("approve", cmd_islands_approve, "let an Island receive Jobs"),
-                            ("suspend", cmd_islands_suspend, "stop offering Jobs to an Island")):
-        a = isl.add_parser(name, help=help_)
-        a.add_argument("island_id")
-        a.add_argument("--reason", default="", help="recorded with the event (required to suspend)")
-        a.add_argument("--by", default="operator", help="operator name recorded with the event")
-        a.set_defaults(func=fn)
-    k = isl.add_parser("karma", help="adjust an Island's karma (the way back below a Cargo's gate)")
-    k.add_argument("island_id")
-    k.add_argument("delta", help='karma to add (negative to remove), up to 3 decimals, e.g. "12" or "-0.5"')
-    k.add_argument("--reason", required=True, help="recorded with the adjustment")
-    k.add_argument("--by", default="operator", help="operator name recorded with the event")
-    k.set_defaults(func=cmd_islands_karma)
+    add_island_action_parsers(isl, drain=False)
     ls = isl.add_parser("list", help="every Island with approval, online state and karma")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_islands_list)

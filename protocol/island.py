@@ -1,5 +1,5 @@
 """The Island channel's wire format (docs/ISLANDS.md): msgspec structs, one JSON text
-frame per message, tagged by `type`. Shared by the coordinator (api/island_channel.py)
+frame per message, tagged by `type`. Shared by the coordinator (islandlink/channel.py)
 and the reference agent (island/), which imports nothing else of ours.
 
 Versioning: the agent states `protocol` in its `hello`; the coordinator accepts
@@ -20,8 +20,6 @@ import uuid
 from typing import Any
 
 import msgspec
-
-from scheduler.service import make_island_token
 
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
@@ -46,8 +44,9 @@ MAX_RENEW_JOBS = 1_024
 
 # ------------------------------------------------------------------ tokens
 def make_token(island_id: uuid.UUID) -> str:
-    """A self-identifying Island token (see scheduler.service.make_island_token)."""
-    return make_island_token(island_id)
+    """A self-identifying Island token: `it_<island id hex>_<256-bit secret>`; the id part
+    finds the Island without an index, only the SHA-256 of the whole token is stored."""
+    return f"{TOKEN_PREFIX}{island_id.hex}_{secrets.token_urlsafe(32)}"
 
 
 def token_island_id(token: str) -> uuid.UUID | None:

@@ -19,9 +19,9 @@ from typing import Any
 
 import structlog
 
-from api.settings import Settings
+from config.settings import Settings
 
-log = structlog.get_logger("api.demo")
+log = structlog.get_logger("coordinator.demo")
 
 CONSUMER_EMAIL = "demo@archipelag.io"
 OWNER_EMAIL = "islands@demo.archipelag.io"
@@ -73,7 +73,7 @@ def _backend(kind: str, options: dict[str, Any], slots: int) -> Any:
 
 def prepare(services: Any, state_path: Path) -> dict[str, Any]:
     """Accounts, API key and Islands, created once and reused."""
-    from api.island_protocol import make_token
+    from protocol.island import make_token
 
     c = services.coordinator
     state = _load_state(state_path)
@@ -117,10 +117,10 @@ def _key_works(services: Any, key: str) -> bool:
 
 
 def run_demo(host: str = "127.0.0.1", port: int = 8000) -> int:
-    from api.app import build_services
-    from api.logs import configure_logging
-    from api.server import make_server, tune_gc
-    from api.wiring import build
+    from coordinator.app import build_services
+    from coordinator.logs import configure_logging
+    from coordinator.server import make_server, tune_gc
+    from coordinator.wiring import build
     from island.agent import AgentConfig, run_agents
 
     settings = Settings.from_env()

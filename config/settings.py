@@ -60,7 +60,7 @@ def _credits(env: Mapping[str, str], name: str, default: str) -> int:
 
 @dataclass(frozen=True)
 class ApiSettings:
-    """The HTTP server's bounds and knobs (issue #4; units in names). Read by api/app.py."""
+    """The HTTP server's bounds and knobs (issue #4; units in names). Read by coordinator/app.py."""
 
     host: str = "127.0.0.1"
     port: int = 8000

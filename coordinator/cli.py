@@ -11,20 +11,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-import msgspec
 
-from api.settings import Settings, SettingsError
+from config.settings import Settings, SettingsError
+from coordinator.cli_admin import add_admin_commands, add_grant_parser
+from coordinator.cli_common import EXIT_BAD_INPUT, EXIT_FAILED, UsageError, _print
 from ledger import names
 from ledger.errors import LedgerError
 from ledger.pricing import credits_to_micro, micro_to_credits
 
 ACCOUNT_NAMESPACE = uuid.UUID("6f1d7a52-3c1e-4c55-9a55-0a7c1e0c0001")
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
-
-
-class UsageError(Exception):
-    """Bad input from the operator."""
 
 
 def account_id_for_email(email: str) -> uuid.UUID:
@@ -64,11 +59,6 @@ def _time(text: str) -> datetime:
     return dt
 
 
-_JSON = msgspec.json.Encoder(decimal_format="number")
-
-
-def _print(obj: Any) -> None:
-    print(_JSON.encode(obj).decode())
 
 
 # ------------------------------------------------------------------ commands
@@ -90,20 +80,6 @@ def cmd_accounts_create(c, args) -> int:
     if extra is not None:
         out.update(extra(account_id))
     _print(out)
-    return 0
-
-
-def cmd_credits_grant(c, args) -> int:
-    account_id = _uuid(args.account_id)
-    micro = _amount(args.amount)
-    reason = args.reason.strip()
-    if not reason:
-        raise UsageError("--reason must not be empty")
-    key = args.idempotency_key or f"grant:{uuid.uuid4()}"
-    after = c.ledger.fund(account_id, micro, code=names.GRANT, reference=f"operator:{args.by}", reason=reason,
-                          idem_key=key)
-    _print({"account_id": str(account_id), "granted": _credits(micro), "credits": _credits(after),
-            "idempotency_key": key})
     return 0
 
 
@@ -218,15 +194,15 @@ def cmd_ledger_sweep(c, args) -> int:
 
 
 def cmd_serve(c, args) -> int:
-    """The HTTP API and every loop of the coordinator, until SIGTERM or Ctrl-C (api/server.py)."""
-    from api.server import serve
+    """The HTTP API and every loop of the coordinator, until SIGTERM or Ctrl-C (coordinator/server.py)."""
+    from coordinator.server import serve
 
     return serve(c, c.settings, args.host, args.port)
 
 
 def cmd_demo(_c, args) -> int:
-    """The coordinator with three local reference Islands and a demo account (api/demo.py)."""
-    from api.demo import run_demo
+    """The coordinator with three local reference Islands and a demo account (coordinator/demo.py)."""
+    from coordinator.demo import run_demo
 
     return run_demo(args.host, args.port)
 
@@ -397,7 +373,7 @@ def _progress(label: str):
 
 def _chosen_projections(args) -> list[str]:
     """The projections a command names (`--name`), or all of them; a usage error if unknown."""
-    from projections.runner import select_projections
+    from projections.catalog import select_projections
 
     try:
         return [p.name for p in select_projections([args.name] if args.name else None)]
@@ -511,13 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.set_defaults(func=cmd_accounts_create)
 
     cr = sub.add_parser("credits", help="credit operations").add_subparsers(dest="cmd", required=True)
-    g = cr.add_parser("grant", help="grant credits to an account")
-    g.add_argument("account_id")
-    g.add_argument("amount", help="credits (decimal, up to 6 places)")
-    g.add_argument("--reason", required=True)
-    g.add_argument("--by", default="operator", help="operator name recorded with the grant")
-    g.add_argument("--idempotency-key", default=None)
-    g.set_defaults(func=cmd_credits_grant)
+    add_grant_parser(cr)
 
     led = sub.add_parser("ledger", help="audit the books").add_subparsers(dest="cmd", required=True)
     b = led.add_parser("balance", help="balance now, as of a time, or as of a log position")
@@ -548,9 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8000)
     d.set_defaults(func=cmd_demo, standalone=True)
     _add_projection_commands(sub, led, b, s)
-    from api.islands_cli import add_island_commands  # islands create|approve|suspend|list, island run (#5)
+    from coordinator.cli_islands import add_island_commands  # islands create|list, island run (#5)
 
     add_island_commands(sub)
+    add_admin_commands(sub)  # every operator action in one group
     # `simulate` is forwarded to the dispatch simulator before parsing (main); listed here for --help.
     sub.add_parser("simulate", help="run the dispatch simulator (docs/SIMULATOR.md)", add_help=False)
     return p
@@ -574,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"coordinator: invalid setting: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from api.logs import configure_logging
-    from api.wiring import build
+    from coordinator.logs import configure_logging
+    from coordinator.wiring import build
 
     configure_logging(settings.log_format, "warning")
     try:
@@ -596,8 +567,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m api.cli` runs this file as __main__; run the `api.cli` module instead, so
-    # that the command modules (api/islands_cli.py) raise the UsageError `main` catches.
-    from api.cli import main as _main
+    # `python -m coordinator.cli` runs this file as __main__; run the `coordinator.cli` module instead, so
+    # that the command modules (coordinator/cli_islands.py) raise the UsageError `main` catches.
+    from coordinator.cli import main as _main
 
     sys.exit(_main())

@@ -1,4 +1,4 @@
-"""Island registration for accounts and the operator's Island API.
+"""Island registration and the owner's view of their Islands.
 
 Account routes (behind the API-key middleware, api/auth.py; the account is
 `request.user.account_id`):
@@ -10,36 +10,28 @@ Account routes (behind the API-key middleware, api/auth.py; the account is
 The token is shown once; only its SHA-256 is stored. A new Island is `pending` until an
 operator approves it (or COORDINATOR_AUTO_APPROVE_ISLANDS=true, for demos).
 
-Operator routes (Bearer COORDINATOR_OPERATOR_TOKEN; 404 when it is unset; the API-key
-middleware must let `/operator/` through, see docs/ISLANDS.md "Wiring"):
-
-    GET  /operator/v1/islands[?limit&offset]        -> {"data": [IslandSummary]}
-    GET  /operator/v1/islands/{id}                  -> {"data": Island}
-    POST /operator/v1/islands/{id}/approve  {"reason"?, "by"?}
-    POST /operator/v1/islands/{id}/suspend  {"reason", "by"?}
+Operator actions on Islands (approve, suspend, drain, karma) are in the one operator API,
+admin/http.py (`/api/v1/admin/islands/...`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import uuid
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from litestar import MediaType, Request, Response, get, post
-from litestar.params import FromPath, JSONBody, Parameter
+from litestar.params import FromPath, JSONBody
 
-from api.errors import ApiError, not_found, unauthorized, validation_failed
-from api.island_protocol import make_token
+from api.errors import not_found, unauthorized, validation_failed
+from protocol.island import make_token
 from api.schemas import encode, iso
-from scheduler import commands as cmd
 from scheduler.islands import Island
 from scheduler.registry import BadCapabilities, parse_capabilities
 
-if TYPE_CHECKING:
-    from api.island_channel import IslandChannel
 
 MAX_NAME = 128
 MAX_OPERATOR_LIST = 1_000
@@ -51,16 +43,12 @@ class IslandCreate(msgspec.Struct, kw_only=True):
     capabilities: dict[str, Any] | None = None
 
 
-class ApprovalRequest(msgspec.Struct, kw_only=True):
-    reason: str = ""
-    by: str = "operator"
-
-
 class IslandOut(msgspec.Struct, kw_only=True):
     id: str
     name: str
     owner_account_id: str
     approval: str
+    draining: bool
     online: bool
     connected_here: bool
     karma: Decimal
@@ -70,19 +58,6 @@ class IslandOut(msgspec.Struct, kw_only=True):
     jobs_completed: int
     jobs_failed: int
     registered_at: str | None
-
-
-class IslandSummary(msgspec.Struct, kw_only=True):
-    id: str
-    name: str
-    owner_account_id: str
-    approved: bool
-    online: bool
-    karma: Decimal
-    slots_total: int
-    running_jobs: int
-    region: str
-    cargos: list[str]
 
 
 def _ok(obj: Any, status: int = 200) -> Response:
@@ -121,11 +96,14 @@ def _caps_with_region(raw: dict[str, Any] | None, region: str | None) -> dict[st
     return caps
 
 
-class _Views:
-    def __init__(self, channel: IslandChannel) -> None:
-        self.channel = channel
-        self.c = channel.c
-        self.sched = channel.scheduler
+class IslandViews:
+    """An Island as its owner and the operator see it: the aggregate plus the live registry
+    record; `connected(island_id)` says whether this process holds its channel."""
+
+    def __init__(self, coordinator: Any, connected: Callable[[str], bool]) -> None:
+        self.c = coordinator
+        self.sched = coordinator.scheduler
+        self.connected = connected
 
     async def island(self, island_id: uuid.UUID) -> Island | None:
         fresh = self.sched.shared_store
@@ -136,17 +114,17 @@ class _Views:
         rec = self.sched.core.registry.islands.get(str(isl.id))
         caps = dict(isl.capabilities)
         caps["asks_micro"] = dict(caps.get("asks_micro", {}))
-        return IslandOut(id=str(isl.id), name=isl.name, owner_account_id=isl.owner_account_id, approval=isl.approval,
+        return IslandOut(id=str(isl.id), name=isl.name, owner_account_id=isl.owner_account_id, approval=isl.approval, 
+                         draining=isl.draining,
                          online=bool(rec.online) if rec is not None else isl.online,
-                         connected_here=self.channel.connected(str(isl.id)), karma=_karma(isl.karma_milli),
+                         connected_here=self.connected(str(isl.id)), karma=_karma(isl.karma_milli),
                          capabilities=caps, slots_total=rec.slots_total if rec is not None else caps.get("slots", 1),
                          running_jobs=len(rec.active) if rec is not None else 0, jobs_completed=isl.jobs_completed,
                          jobs_failed=isl.jobs_failed, registered_at=iso(isl.created_on))
 
 
-def islands_handlers(channel: IslandChannel) -> list:
-    views = _Views(channel)
-    sched = channel.scheduler
+def islands_handlers(views: IslandViews) -> list:
+    sched = views.sched
 
     @post("/api/v1/islands", status_code=201, summary="Register an Island (its token is shown once)")
     async def create_island(request: Request, data: JSONBody[IslandCreate]) -> Response:
@@ -182,60 +160,3 @@ def islands_handlers(channel: IslandChannel) -> list:
         return _ok({"data": views.out(isl)})
 
     return [create_island, list_islands, get_island]
-
-
-def operator_handlers(channel: IslandChannel) -> list:
-    views = _Views(channel)
-    sched = channel.scheduler
-    token = channel.settings.operator_token
-
-    def check(request: Any, _handler: Any = None) -> None:
-        """Route guard: runs before the body is read."""
-        if not token:
-            raise not_found("resource")
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise ApiError(401, "unauthorized", "operator token required",
-                           headers={"WWW-Authenticate": 'Bearer realm="archipelag-operator"'})
-
-    @get("/operator/v1/islands", summary="Every Island (live view)", guards=[check])
-    async def op_list(request: Request, limit: int = Parameter(default=100, ge=1, le=MAX_OPERATOR_LIST),
-                      offset: int = Parameter(default=0, ge=0)) -> Response:
-        recs = sorted(list(sched.core.registry.islands.values()), key=lambda r: r.island_id)[offset:offset + limit]
-        return _ok({"data": [IslandSummary(id=r.island_id, name=r.name, owner_account_id=r.owner_account_id,
-                                           approved=r.approved, online=r.online, karma=_karma(r.karma_milli),
-                                           slots_total=r.slots_total, running_jobs=len(r.active),
-                                           region=r.capabilities.get("region", "unknown"),
-                                           cargos=list(r.capabilities.get("cargos", ()))) for r in recs]})
-
-    @get("/operator/v1/islands/{island_id:str}", summary="One Island", guards=[check])
-    async def op_get(request: Request, island_id: FromPath[str]) -> Response:
-        isl = await views.island(_island_uuid(island_id))
-        if isl is None:
-            raise not_found("island")
-        return _ok({"data": views.out(isl)})
-
-    async def set_approval(island_id: str, approved: bool, data: ApprovalRequest) -> Response:
-        iid = _island_uuid(island_id)
-        reason = data.reason.strip()[:500]
-        if not approved and not reason:
-            raise validation_failed({"reason": ["a suspension needs a reason"]})
-        try:
-            await channel.c.committer.aexecute(lambda uow: cmd.set_island_approval_in(
-                uow, iid, approved, by=data.by[:64] or "operator", reason=reason))
-        except cmd.NotYourJob:
-            raise not_found("island") from None
-        isl = await views.island(iid)
-        assert isl is not None
-        return _ok({"data": views.out(isl)})
-
-    @post("/operator/v1/islands/{island_id:str}/approve", status_code=200, summary="Approve an Island", guards=[check])
-    async def op_approve(request: Request, island_id: FromPath[str], data: JSONBody[ApprovalRequest]) -> Response:
-        return await set_approval(island_id, True, data)
-
-    @post("/operator/v1/islands/{island_id:str}/suspend", status_code=200, summary="Suspend an Island", guards=[check])
-    async def op_suspend(request: Request, island_id: FromPath[str], data: JSONBody[ApprovalRequest]) -> Response:
-        return await set_approval(island_id, False, data)
-
-    return [op_list, op_get, op_approve, op_suspend]

@@ -7,7 +7,7 @@ far, and which socket an offer must reach.
 Wiring (the lead's; see docs/ISLANDS.md "Wiring"):
 
     channel = build_island_channel(coordinator, broker)     # also registers its scheduler listener
-    app = Litestar([... , *island_routes(channel)], lifespan=[services.lifespan, channel.lifespan])
+    routes = coordinator.app.island_routes(channel, views)  # WebSocket (islandlink/websocket.py) + registration
 
 Every refusal is answered on the socket (`error` with a code, nothing applied) and
 logged as `island_message_refused` with the Island, the Job, the message type and why.
@@ -28,38 +28,31 @@ from typing import Any, Protocol
 
 import msgspec
 import structlog
-from litestar import WebSocket, websocket
+from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
-from api import island_protocol as p
-from api.island_bus import (
-    APPEND,
-    BAD_SEQUENCE,
+from protocol import island as p
+from islandlink.bus import (
     MAX_OUTPUT_BYTES,
-    NONE,
-    OK,
-    REPLACE,
     BusListener,
     CancelNote,
-    ChannelState,
     HeartbeatNote,
     IslandBus,
     LiveSink,
-    MemoryChannelState,
     OfferNote,
     OutputNote,
-    RedisChannelState,
     RedisIslandBus,
     RenewNote,
     TakeoverNote,
 )
+from islandlink.state import APPEND, BAD_SEQUENCE, NONE, OK, REPLACE, ChannelState, MemoryChannelState, RedisChannelState
 from scheduler import commands as cmd
 from scheduler.islands import Island
 from scheduler.jobs import ASSIGNED, RUNNING, IllegalTransition
 from scheduler.registry import BadCapabilities, parse_capabilities
 from scheduler.service import hash_token
 
-log = structlog.get_logger("api.island_channel")
+log = structlog.get_logger("islandlink.channel")
 
 REFUSED = (cmd.NotYourJob, cmd.UnknownJob, IllegalTransition)
 MAX_OUTBOX = 10_000
@@ -69,7 +62,7 @@ SERVER_RESTART = 1012  # the close code uvicorn uses when the coordinator shuts 
 
 
 class StreamPublisher(Protocol):
-    """What the channel needs of the SSE stream broker (api/broker.py `Publisher`)."""
+    """What the channel needs of the SSE stream broker (streams/broker.py `Publisher`)."""
 
     def publish_token(self, job_id: str, text: str) -> None: ...
     def publish_progress(self, job_id: str, step: int, total: int) -> None: ...
@@ -78,7 +71,7 @@ class StreamPublisher(Protocol):
 
 @dataclass(frozen=True)
 class ChannelSettings:
-    """The channel's knobs (COORDINATOR_ISLAND_* / COORDINATOR_OPERATOR_TOKEN)."""
+    """The channel's knobs (COORDINATOR_ISLAND_*)."""
 
     hello_timeout_s: float = 10.0
     max_bad_messages: int = 20  # malformed messages on one connection before it is closed (4400)
@@ -86,7 +79,6 @@ class ChannelSettings:
     state_ttl_s: int = 86_400  # a Job attempt's sequence number and output, after its last message
     live_flush_ms: int = 50  # Redis: live inputs are shared with the other processes this often
     auth_failures_per_s: int = 50  # per process; beyond this, bad tokens are refused without a store read
-    operator_token: str | None = None  # Bearer token of the operator API (unset: operator API disabled)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ChannelSettings:
@@ -108,8 +100,7 @@ class ChannelSettings:
                    max_bad_messages=num("COORDINATOR_ISLAND_MAX_BAD_MESSAGES", 20),
                    max_refusals_per_min=num("COORDINATOR_ISLAND_MAX_REFUSALS_PER_MIN", 600),
                    state_ttl_s=num("COORDINATOR_ISLAND_STATE_TTL_S", 86_400),
-                   live_flush_ms=num("COORDINATOR_ISLAND_LIVE_FLUSH_MS", 50),
-                   operator_token=env.get("COORDINATOR_OPERATOR_TOKEN") or None)
+                   live_flush_ms=num("COORDINATOR_ISLAND_LIVE_FLUSH_MS", 50))
 
 
 @dataclass
@@ -735,22 +726,3 @@ def build_island_channel(coordinator: Any, publisher: StreamPublisher,
     channel = IslandChannel(coordinator, publisher, bus, state, settings)
     coordinator.listeners.add(channel.listener)
     return channel
-
-
-def channel_handler(channel: IslandChannel) -> Any:
-    @websocket(p.CHANNEL_PATH, name="island_channel")
-    async def island_channel(socket: WebSocket) -> None:
-        await channel.serve(socket)
-
-    return island_channel
-
-
-def island_routes(channel: IslandChannel, *, operator: bool = False) -> list:
-    """The routes of issue #5: the channel WebSocket and Island registration for accounts
-    (POST/GET /api/v1/islands). `operator=True` adds /operator/v1/islands... (list, show,
-    approve, suspend), which the general operator API (api/operator.py,
-    /api/v1/admin/islands...) supersedes once it is wired."""
-    from api.islands_http import islands_handlers, operator_handlers
-
-    routes = [channel_handler(channel), *islands_handlers(channel)]
-    return routes + operator_handlers(channel) if operator else routes

@@ -27,11 +27,12 @@ from typing import Any
 import structlog
 import uvicorn
 
-from api.app import ApiServices, build_services, create_server_app
-from api.settings import Settings
-from api.wiring import Coordinator
+from api.services import ApiServices
+from coordinator.app import build_services, create_server_app
+from config.settings import Settings
+from config.parts import Coordinator
 
-log = structlog.get_logger("api.server")
+log = structlog.get_logger("coordinator.server")
 
 
 def _has(module: str) -> bool:
@@ -128,7 +129,7 @@ class Projector:
 
     def _spawn(self) -> subprocess.Popen:
         # `coordinator projections run` (projections/service.py run_until), same environment.
-        return subprocess.Popen([sys.executable, "-m", "api.cli", "projections", "run"], env=dict(os.environ),
+        return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "projections", "run"], env=dict(os.environ),
                                 stdout=subprocess.DEVNULL)
 
     def _supervise(self) -> None:
@@ -154,7 +155,7 @@ class Projector:
 
 def serve(c: Coordinator, settings: Settings, host: str | None = None, port: int | None = None) -> int:
     """Run until SIGTERM / Ctrl-C. The caller closes `c` afterwards (committer, store)."""
-    from api.logs import configure_logging
+    from coordinator.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
     services = build_services(settings, coordinator=c)
