@@ -40,8 +40,11 @@ from api.schemas import (
     CreateJobRequest,
     HealthOut,
     JobEnvelope,
+    JobImageOut,
     JobListEnvelope,
     JobOut,
+    JobOutputEnvelope,
+    JobOutputOut,
     Usage,
     WorkloadEnvelope,
     WorkloadListEnvelope,
@@ -393,6 +396,22 @@ def consumer_router(services: ApiServices) -> Router:
         return Stream(sse_stream(services, str(jid), last_id, load, id_lines), media_type="text/event-stream",
                       headers=SSE_HEADERS)
 
+    @get("/jobs/{job_id:str}/output", summary="A finished Job's full output (text, or the image), with usage")
+    async def job_output(request: Request, job_id: FromPath[str]) -> Response[JobOutputEnvelope]:
+        view = await load_out(parse_uuid(job_id), request.user.account_id)
+        if view.status not in ("completed", "failed", "cancelled", "timeout"):
+            raise ApiError(409, "job_not_finished", f"job is {view.status}; its output is there once it finished",
+                           headers={"Retry-After": "1"})
+        image = _image_payload(view.output) if view.output is not None and not view.is_batch else None
+        image_out = None
+        if image is not None:
+            image_out = JobImageOut(image_data=image["image_b64"], format=image["fmt"], width=image.get("width"),
+                                    height=image.get("height"), seed=image.get("seed"))
+        return ok(JobOutputEnvelope(JobOutputOut(
+            job_id=view.id, status=view.status, kind="image" if image_out is not None else "text",
+            output=view.output, image=image_out, error=view.error, usage=view.usage,
+            completed_at=view.completed_at)))
+
     # -------------------------------------------------------------- batches
     @post("/jobs/batch", status_code=201, summary="Create a batch of Jobs (1..100 inputs)")
     async def create_batch(request: Request, data: JSONBody[CreateBatchRequest]) -> Response[BatchJobOut]:
@@ -454,7 +473,7 @@ def consumer_router(services: ApiServices) -> Router:
 
     return Router(path="/api/v1", route_handlers=[
         get_account, list_workloads, get_workload, create_job, list_jobs, get_job, cancel_job, retry_job, stream_job,
-        create_batch, batch_status, list_keys, create_key, revoke_key, health])
+        job_output, create_batch, batch_status, list_keys, create_key, revoke_key, health])
 
 
 def _raw_prefs(prefs: dict[str, Any], *, batch: bool = False) -> dict[str, Any]:

@@ -332,10 +332,42 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
 
 
 class ModelOut(msgspec.Struct, kw_only=True):
+    """An OpenAI model entry, plus the network's `workload_slug` (the Cargo that serves it)
+    and `online_hosts` (approved online Islands serving it now); the `openai` client
+    ignores fields it does not know."""
+
     id: str
     object: str = "model"
     created: int
     owned_by: str
+    workload_slug: str = ""
+    online_hosts: int = 0
+
+
+class JobImageOut(msgspec.Struct, kw_only=True):
+    image_data: str
+    format: str
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+
+
+class JobOutputOut(msgspec.Struct, kw_only=True):
+    """GET /jobs/{id}/output: `output` as on the Job (text; an image Job's JSON string),
+    `kind` text|image and, for an image, the parsed `image`."""
+
+    job_id: str
+    status: str
+    kind: str
+    output: str | None
+    image: JobImageOut | None
+    error: str | None
+    usage: Usage | None
+    completed_at: str | None
+
+
+class JobOutputEnvelope(msgspec.Struct):
+    data: JobOutputOut
 
 
 class ModelList(msgspec.Struct, kw_only=True):

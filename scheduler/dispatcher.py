@@ -372,14 +372,17 @@ class DispatchCore:
         island_id = str(ev.originator_id)
         if isinstance(ev, Island.Registered):
             self.registry.register(island_id, ev.owner_account_id, ev.name, ev.capabilities, ev.approval == APPROVED)
+            self.registry.islands[island_id].approval = ev.approval
             start = getattr(ev, "karma_start_milli", None)
             if start is None:
                 self._karma_legacy.add(island_id)
             self.registry.set_karma(island_id, rebased_milli(0) if start is None else start)
         elif isinstance(ev, Island.Approved):
             self.registry.set_approved(island_id, True)
+            self._set_approval(island_id, "approved")
         elif isinstance(ev, Island.Suspended):
             self.registry.set_approved(island_id, False)
+            self._set_approval(island_id, "suspended")
         elif isinstance(ev, Island.DrainChanged):
             self.registry.set_draining(island_id, ev.draining)
         elif isinstance(ev, Island.CapabilitiesChanged):
@@ -393,6 +396,11 @@ class DispatchCore:
                                     else ev.karma_after_milli)
         elif isinstance(ev, Island.WentOffline):
             self.registry.set_offline(island_id)
+
+    def _set_approval(self, island_id: str, approval: str) -> None:
+        rec = self.registry.islands.get(island_id)
+        if rec is not None:
+            rec.approval = approval
 
     # ------------------------------------------------------------ timers
     def _timer(self, due_ms: int, kind: int, live: LiveJob) -> None:

@@ -40,6 +40,7 @@ class Island(ChainedAggregate):
         self.karma_legacy = karma_start_milli is None
         self.karma_milli = 0 if karma_start_milli is None else karma_start_milli
         self.karma_carry = 0
+        self.karma_updated_at = self.created_on  # time of the last karma change
         self.jobs_completed = 0
         self.jobs_failed = 0
         self.draining = False
@@ -108,6 +109,7 @@ class Island(ChainedAggregate):
             island.karma_milli += self.delta_milli
             assert island.karma_milli == self.karma_after_milli
             island.karma_carry = self.carry
+            island.karma_updated_at = self.timestamp
             if self.reason == "completed":
                 island.jobs_completed += 1
             elif self.reason in ("failure", "lapsed_lease"):

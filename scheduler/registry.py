@@ -91,6 +91,7 @@ class IslandRecord:
     active: set[UUID] = field(default_factory=set)  # Jobs assigned to or running on it
     ordinal: int = 0  # registration order (stale Islands are reported in this order)
     draining: bool = False  # an operator's drain: no new Jobs, running ones finish
+    approval: str = "approved"  # pending | approved | suspended (the Island aggregate's, for the hosts API)
 
     def slots_free(self) -> int:
         if self.draining:
