@@ -448,7 +448,7 @@ def consumer_router(services: ApiServices) -> Router:
             raise ApiError(409 if exc.code == "too_many_keys" else 422, exc.code, exc.message) from None
         except UnknownAccount:
             raise unauthorized("the API key's account does not exist") from None
-        return ok(ApiKeyCreated(key_out(info), secret), 201)
+        return ok(ApiKeyCreated.of(key_out(info), secret), 201)
 
     @delete("/api-keys/{key_id:str}", status_code=200, summary="Revoke an API key (takes effect at once)")
     async def revoke_key(request: Request, key_id: FromPath[str]) -> Response[ApiKeyEnvelope]:

@@ -58,7 +58,16 @@ ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistan
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+DEFAULT_MODEL = "default"  # what the published CLI always sends: the default chat Cargo
+DEFAULT_CHAT_CARGO = "llm-chat"
+
+
 def resolve_model(cargos: list[Cargo], model: str) -> tuple[Cargo, str]:
+    if model == DEFAULT_MODEL:
+        chosen = next((c for c in cargos if c.slug == DEFAULT_CHAT_CARGO), None) or \
+            next((c for c in sorted(cargos, key=lambda c: (not c.enabled, c.id))), None)
+        if chosen is not None:
+            return chosen, chosen.model
     for cargo in cargos:
         if cargo.slug == model:
             return cargo, cargo.model

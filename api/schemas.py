@@ -188,9 +188,25 @@ class ApiKeyListEnvelope(msgspec.Struct):
     data: list[ApiKeyOut]
 
 
-class ApiKeyCreated(msgspec.Struct):
+class ApiKeyCreatedOut(ApiKeyOut, kw_only=True):
+    """The created key, readable by all three published clients at once (decision 0053):
+    the Python SDK reads `ApiKey(**body.data)` and `body.key`; the JavaScript SDK unwraps
+    `data` and reads `.data` and `.key` inside it; the CLI reads `data.api_key` and
+    `data.key`. Extra keys are ignored by each of them."""
+
+    api_key: ApiKeyOut
     data: ApiKeyOut
     key: str
+
+
+class ApiKeyCreated(msgspec.Struct):
+    data: ApiKeyCreatedOut
+    key: str
+
+    @classmethod
+    def of(cls, key: ApiKeyOut, secret: str) -> ApiKeyCreated:
+        fields = msgspec.structs.asdict(key)
+        return cls(ApiKeyCreatedOut(**fields, api_key=key, data=key, key=secret), secret)
 
 
 class BatchChildOut(msgspec.Struct, kw_only=True):
