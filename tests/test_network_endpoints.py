@@ -224,9 +224,11 @@ def test_models_contract_shape_and_the_openai_client(srv):
         assert by_id["qwen2.5-7b-instruct"]["online_hosts"] == 0  # llm-chat, but no Island lists that model
         assert cl.get("/models/llm-chat").json()["online_hosts"] == by_id["llm-chat"]["online_hosts"]
         error_of(cl.get("/models/no-such-model"), 404)
-    client = openai.OpenAI(api_key=key, base_url=srv.url + "/v1")
-    listed = {m.id: m for m in client.models.list()}
-    assert "llm-chat" in listed and listed["sdxl"].model_extra["online_hosts"] == 1
+    network = {m.id: m for m in openai.OpenAI(api_key=key, base_url=srv.url + "/api/v1").models.list()}
+    assert network["sdxl"].model_extra["online_hosts"] == 1 and network["sdxl"].model_extra["workload_slug"] == "sdxl"
+    shim = {m.id: m for m in openai.OpenAI(api_key=key, base_url=srv.url + "/v1").models.list()}
+    assert "llm-chat" in shim and "sdxl" not in shim  # /v1: what chat completions accept (decision 0017)
+    assert shim["llm-chat"].model_extra["online_hosts"] == by_id["llm-chat"]["online_hosts"]
 
 
 # ------------------------------------------------------------------ auth, scopes, other accounts
