@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from api.services import ApiServices
 
 HOST_STATUSES = ("online", "offline", "busy", "suspended", "pending")
-PUBLIC_CAPABILITIES = ("cargos", "models", "vram_mb", "ram_mb", "slots", "region", "platform", "hardware_tier",
-                       "gpu", "tokens_per_s", "asks_micro")
+PUBLIC_CAPABILITIES = ("cargos", "models", "vram_mb", "ram_mb", "cpu_cores", "gpu_model", "slots", "region",
+                       "platform", "hardware_tier", "tokens_per_s", "asks_micro")
 MAX_REGION_CHARS = 64
 READ_YOUR_WRITES_WAIT_S = 2.0
 

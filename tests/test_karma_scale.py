@@ -109,3 +109,45 @@ def test_new_islands_start_at_fifty_and_earn_up_to_one_hundred(store_config):
         assert change.after_milli == 100_000
     finally:
         world.close()
+
+
+def _karma_events(sched_world, island: str) -> list:
+    return [e for e in sched_world.app.events.get(uuid.UUID(island)) if isinstance(e, Island.KarmaChanged)]
+
+
+def test_a_chat_job_much_slower_than_the_reported_speed_costs_karma():
+    from tests.test_scheduler import CHAT, World as SchedWorld
+
+    world = SchedWorld()
+    island = world.island({**CHAT, "tokens_per_s": 10})  # 5 tokens should take 0.5 s
+    acct = world.account("c@x", kyc=True, credits_micro=100_000_000)
+    reasons = []
+    for ran_ms, prompt in ((1_000, "fast enough"), (1_001, "too slow")):  # the limit is 2 x 0.5 s
+        job = world.sched.submit(acct, "llm-chat-lite", {"prompt": prompt})
+        world.sched.step()
+        world.sched.accept(island, uuid.UUID(job.id))
+        world.clock.advance(ran_ms)
+        world.sched.complete(island, uuid.UUID(job.id), {"prompt_tokens": 5, "completion_tokens": 5}, "ok", 10)
+        world.sched.step()
+        reasons.append([e.reason for e in _karma_events(world, island)][-1])
+    assert reasons == ["completed", "slow"]
+    slow = _karma_events(world, island)[-1]
+    assert slow.delta_milli == -DEFAULT_RATES.slow_milli and slow.job_id == job.id
+
+
+def test_closing_an_online_interval_earns_uptime_karma():
+    from tests.test_scheduler import World as SchedWorld
+
+    world = SchedWorld()
+    island = world.island()  # online now (heartbeat)
+    world.sched.step()
+    before = world.committer.query(lambda uow: uow.get(uuid.UUID(island)).karma_milli)
+    world.clock.advance(2 * 86_400_000)  # two days online, then silence: marked offline
+    world.sched.heartbeat(island)
+    world.clock.advance(world.sched.config.offline_after_ms + 1)
+    for _ in range(3):
+        world.sched.step()
+    events = _karma_events(world, island)
+    assert [e.reason for e in events] == ["uptime"] and events[0].delta_milli == 2_000
+    after = world.committer.query(lambda uow: uow.get(uuid.UUID(island)))
+    assert not after.online and after.karma_milli == before + 2_000
