@@ -188,6 +188,22 @@ def test_js_sdk_every_call(srv: LiveServer):
     assert result["content"] == "Hello, world!" and result["finishReason"] == "stop"
     assert is_num(result["usage"]["credits_used"]) and isinstance(result["usage"]["total_tokens"], int)
 
+    # chatStream: createJob, then streamJob read the SDK's way, dispatched on `type`
+    from tests.test_sse_clients import js_sdk_events
+
+    job = sdk.create_job("llm-chat", {"prompt": "Say hello", "max_tokens": 64})
+    tokens, done_usage = [], []
+    with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as raw:
+        for event in js_sdk_events(raw, f"/api/v1/jobs/{job['id']}/stream"):
+            kind = event.get("type") or "token"
+            if kind == "token":
+                tokens.append(event.get("content") or event.get("chunk") or "")
+            elif kind == "done":
+                done_usage.append(event["usage"])
+            assert kind != "error", event
+    assert "".join(tokens) == "Hello, world!" and len(done_usage) == 1
+    assert is_num(done_usage[0]["credits_used"]) and isinstance(done_usage[0]["total_tokens"], int)
+
     image, done = sdk.generate_image("a cat", seed=5)  # the SDK's defaults: 1024x1024, 30 steps
     assert image["image_data"] and image["format"] == "png"
     assert (image["width"], image["height"], image["seed"]) == (1024, 1024, 5)

@@ -269,3 +269,25 @@ def test_busy_host_status(srv):
             t.start()
         for t in threads:
             t.join(30)
+
+
+def test_odd_input_is_a_4xx_with_a_reason_never_a_5xx(srv):
+    _, key = srv.account()
+    host = srv.chat_island.island_id
+    gets = [("/hosts", {"limit": "1e3"}), ("/hosts", {"status": ""}), ("/hosts", {"offset": "9" * 30}),
+            ("/hosts", {"limit": "-0"}), ("/hosts/%00", {}), (f"/hosts/{host}/karma/history", {"limit": "x"}),
+            (f"/hosts/{host.upper()}/karma", {}), ("/jobs/%20/output", {}), ("/models/%2F..%2F", {}),
+            ("/hosts", {"region": "é" * 10})]
+    with srv.client(key) as cl:
+        for path, params in gets:
+            r = cl.get(path, params=params)
+            assert r.status_code < 500, (path, params, r.status_code, r.text)
+            if r.status_code >= 400:
+                assert r.json()["error"]["message"], (path, r.text)
+        for content, ctype in ((b"not json", "application/json"), (b"{}", "text/plain"), (b"\xff\xfe", None),
+                               (b'{"note": null}', "application/json"), (b'"x"', "application/json")):
+            headers = {"Content-Type": ctype} if ctype else {}
+            r = cl.post("/verification/request", content=content, headers=headers)
+            assert r.status_code < 500, (content, r.status_code, r.text)
+        # an upper-case id is the same Island (UUIDs are case-insensitive)
+        assert cl.get(f"/hosts/{host.upper()}/karma").json()["data"]["host_id"] == host
