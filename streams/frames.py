@@ -34,10 +34,13 @@ KEEPALIVE = b": ping\n\n"  # an SSE comment: every client skips it (decision 005
 
 def with_id(data: bytes, event_id: str) -> bytes:
     """The event's JSON with `"id": event_id` added as its last key (a byte splice: the
-    stored event is a JSON object without an `id`; ids are `<ms>-<seq>`, nothing to escape)."""
-    assert data.endswith(b"}") and event_id.replace("-", "").isdigit(), (data[-8:], event_id)
-    return data[:-1] + b',"id":"' + event_id.encode() + b'"}' if len(data) > 2 else \
-        b'{"id":"' + event_id.encode() + b'"}'
+    stored event is a JSON object without an `id`; ids are `<ms>-<seq>`, nothing to escape).
+    Anything else (not an object, an id with other characters) is left as it is."""
+    if not (data.startswith(b"{") and data.endswith(b"}")) or not event_id.replace("-", "").isdigit():
+        return data
+    if data == b"{}":
+        return b'{"id":"' + event_id.encode() + b'"}'
+    return data[:-1] + b',"id":"' + event_id.encode() + b'"}'
 
 
 def sse_frame(event_id: str, data: bytes, *, id_line: bool = False) -> bytes:

@@ -189,6 +189,9 @@ def test_frame_layout_is_data_line_first_with_the_id_in_the_json():
         b'data: {"type":"token","content":"hi","id":"17-3"}\nid: 17-3\n\n'
     assert frames.KEEPALIVE == b": ping\n\n"
     assert frames.is_terminal(frames.with_id(frames.done_event({}), "1-1"))
+    assert frames.with_id(b"{}", "1-2") == b'{"id":"1-2"}'
+    assert frames.with_id(b"[1]", "1-2") == b"[1]" and frames.with_id(b'{"a":1}', 'x"y') == b'{"a":1}'
+    assert json.loads(frames.with_id(frames.image_event("QQ==", "png", width=1, seed=2), "9-0"))["id"] == "9-0"
 
 
 # ------------------------------------------------------------------ live Jobs
