@@ -215,7 +215,7 @@ def assign_in(uow: UnitOfWork, job_id: UUID, island_id: str, owner_account_id: s
         if ask_micro > job.budget_micro:
             raise IllegalTransition(job_id, job.status, f"assign to island {island_id} asking above the budget")
         market = {"ask_micro": ask_micro, "surge_permille": surge_permille,
-                  "clearing_micro": clearing_micro(ask_micro, surge_permille, job.budget_micro)}
+                  "clearing_micro": clearing_micro(ask_micro, surge_permille, job.budget_micro), "cargo": job.cargo}
     job.trigger_event(Job.Assigned, island_id=island_id, owner_account_id=owner_account_id,
                       ack_deadline_ms=ack_deadline_ms, score=score, candidates=candidates, timestamp=_ts(uow),
                       **market)

@@ -571,6 +571,15 @@ class DispatchCore:
             rate = surged_micro(median_micro(online), self.market.surge_permille) if online else None
             return self.market.preference(account_id, slug), rate, (approved[0] if approved else None)
 
+    def online_asks(self, slug: str, regions: frozenset[str] = frozenset()) -> list[int]:
+        """Sorted asks of the approved, online, not draining Islands serving a Cargo (in one
+        of `regions`, when given). O(Islands): for quotes, not for the submit path."""
+        with self.lock:
+            return sorted(rec.ask_for(slug) for rec in self.registry.islands.values()
+                          if rec.approved and rec.online and not rec.draining
+                          and slug in rec.capabilities.get("cargos", ())
+                          and (not regions or rec.capabilities.get("region", "unknown") in regions))
+
     def market_snapshot(self, slug: str) -> tuple[list[int], list[int], int]:
         """(asks of approved Islands, asks of those online, surge permille) for a Cargo."""
         with self.lock:

@@ -111,6 +111,7 @@ class Job(ChainedAggregate):
         ask_micro: int = -1
         surge_permille: int = 1000
         clearing_micro: int = -1
+        cargo: str = ""  # the Job's Cargo, so that a reader of clearings needs no other event
 
         def apply(self, job: Job) -> None:
             job.ask_micro = self.ask_micro

@@ -87,6 +87,8 @@ def parse_price_micro(value: Any, *, max_micro: int | None = None) -> int:
         raise BadPrice("must be finite")
     if amount < 0:
         raise BadPrice("must not be negative")
+    if amount and amount.adjusted() > 12:  # before int(): "1e999999" must not build a huge integer
+        raise BadPrice("is too large")
     scaled = amount * MICRO_PER_CREDIT
     if scaled != scaled.to_integral_value():
         raise BadPrice("at most 6 decimal places (1 micro-credit = 0.000001 credit)")

@@ -262,6 +262,14 @@ class Scheduler:
         hold = mkt.price_at_rate(admitted.hold_micro, budget, list_rate)
         return mkt.Budget(budget, source, list_rate, hold)
 
+    def budgets_for(self, account_id: str, admitted: list[Admitted]) -> list[mkt.Budget]:
+        """One budget for a batch (same Cargo and prefs for every child: one resolution,
+        one refusal check), with each child's own hold."""
+        first = self.resolve_budget(account_id, admitted[0])
+        return [first] + [mkt.Budget(first.budget_micro, first.source, first.list_rate_micro,
+                                     mkt.price_at_rate(a.hold_micro, first.budget_micro, first.list_rate_micro))
+                          for a in admitted[1:]]
+
     def market_rate_micro(self, slug: str) -> int | None:
         return self.core.market_rate_micro(slug)
 
