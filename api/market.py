@@ -177,7 +177,11 @@ def market_router(services: ApiServices) -> Router:
             raise ApiError(503, "unavailable", "the market read model is not available on this server",
                            headers={"Retry-After": "5"})
         now = c.clock.now_ms()
-        rows = await asyncio.to_thread(history_rows, read, cargo.slug, window, now)
+        try:
+            rows = await asyncio.to_thread(history_rows, read, cargo.slug, window, now)
+        except Exception as exc:  # noqa: BLE001 - e.g. the read model is still being created
+            raise ApiError(503, "unavailable", "the market read model is not available yet; retry shortly",
+                           headers={"Retry-After": "1"}) from exc
         out = []
         for r in rows:
             surge_on, surge_permille = r["surge_on"]

@@ -130,6 +130,7 @@ class JobsProjection(Projection):
         self._move(w, row, "queued", pos, version, ms)
         row["island_id"] = ""
         row["owner_account_id"] = ""
+        row["clearing_micro"], row["ask_micro"], row["surge_permille"] = -1, -1, 1000
 
     def on_started(self, w, pos, oid, version, st, ms) -> None:
         row = self._job(w, oid)
@@ -147,6 +148,7 @@ class JobsProjection(Projection):
         row["island_id"] = ""
         row["owner_account_id"] = ""
         row["started_at_ms"] = None
+        row["clearing_micro"], row["ask_micro"], row["surge_permille"] = -1, -1, 1000
 
     def on_completed(self, w, pos, oid, version, st, ms) -> None:
         row = self._job(w, oid)

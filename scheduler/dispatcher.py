@@ -557,10 +557,11 @@ class DispatchCore:
     def market_rate_micro(self, slug: str) -> int | None:
         """The current market rate of a Cargo: the median ask of the approved, online
         Islands serving it, times the surge multiplier (rounded up); None when none is online."""
-        online = self.registry.cargo_asks(slug)[1]
-        if not online:
-            return None
-        return surged_micro(median_micro(online), self.market.surge_permille)
+        with self.lock:
+            online = self.registry.cargo_asks(slug)[1]
+            if not online:
+                return None
+            return surged_micro(median_micro(online), self.market.surge_permille)
 
     def budget_inputs(self, account_id: str, slug: str) -> tuple[int | None, int | None, int | None]:
         """For the budget chain, in one look under the lock: the account's saved bid for

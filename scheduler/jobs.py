@@ -134,6 +134,7 @@ class Job(ChainedAggregate):
             job.excluded = [*job.excluded, self.island_id]
             job.island_id = ""
             job.owner_account_id = ""
+            _unclear(job)
 
     class Started(ChainedAggregate.Event):
         island_id: str
@@ -156,6 +157,7 @@ class Job(ChainedAggregate):
             job.island_id = ""
             job.owner_account_id = ""
             job.started_at = None
+            _unclear(job)
 
     class Completed(ChainedAggregate.Event):
         usage: dict
@@ -219,3 +221,10 @@ class Job(ChainedAggregate):
     def require(self, statuses: frozenset[str] | set[str], action: str) -> None:
         if self.status not in statuses:
             raise IllegalTransition(self.id, self.status, action)
+
+
+def _unclear(job: Job) -> None:
+    """Back in the queue: the offer's clearing no longer holds (the next Assigned sets one)."""
+    job.ask_micro = -1
+    job.surge_permille = 1000
+    job.clearing_micro = -1

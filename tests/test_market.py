@@ -293,3 +293,20 @@ def test_events_written_before_the_exchange_still_load_and_price_at_list():
     ev.__dict__.update({"island_id": iid, "owner_account_id": "", "ack_deadline_ms": 0, "score": {},
                         "candidates": 1})
     assert (ev.ask_micro, ev.surge_permille, ev.clearing_micro, ev.cargo) == (-1, 1000, -1, "")
+
+
+def test_a_declined_offer_clears_again_at_the_next_islands_ask():
+    world = World()
+    acct = world.account("a@x", kyc=True, credits_micro=credits("1000"))
+    a = island(world, {"llm-chat": "2"})
+    b = island(world, {"llm-chat": "2.6"})
+    v = world.sched.submit(acct, "llm-chat", PROMPT, {"bid_price": "3"})
+    world.sched.step()
+    first = world.sched.get_job(uuid.UUID(v.id))
+    assert first.island_id == a and first.clearing_micro == credits("2")  # the price term prefers the cheaper
+    world.sched.reject(a, uuid.UUID(v.id))
+    back = world.sched.get_job(uuid.UUID(v.id))
+    assert back.status == "queued" and back.clearing_micro == -1
+    world.sched.step()
+    second = world.sched.get_job(uuid.UUID(v.id))
+    assert second.island_id == b and second.clearing_micro == credits("2.6") and second.ask_micro == credits("2.6")
