@@ -141,6 +141,8 @@ def test_quote_creates_nothing_and_a_job_shows_budget_and_clearing(srv):
         assert d["budget"] == 3 and d["budget_source"] == "bid" and d["eligible_hosts"] >= 1
         assert d["min_price"] <= d["expected_price"] <= d["max_price"]
         assert market_writes(srv) == before  # nothing written
+        far = cl.post("/market/quote", json={**CHAT, "bid_price": "3", "region": "mars"}).json()["data"]
+        assert far["eligible_hosts"] == 0 and far["expected_price"] is None and far["budget"] == 3
         for bad in ({"workload": "nope", "input": {}}, {"workload": "llm-chat", "input": {"max_tokens": 0}},
                     {**CHAT, "bid_price": "-1"}, {"input": {}}):
             r = cl.post("/market/quote", json=bad)

@@ -310,3 +310,17 @@ def test_a_declined_offer_clears_again_at_the_next_islands_ask():
     world.sched.step()
     second = world.sched.get_job(uuid.UUID(v.id))
     assert second.island_id == b and second.clearing_micro == credits("2.6") and second.ask_micro == credits("2.6")
+
+
+def test_market_settings_from_the_environment():
+    from config.settings import Settings, SettingsError
+
+    s = Settings.from_env({"COORDINATOR_MAX_ASK_CREDITS": "12.5", "COORDINATOR_SURGE_RATIO": "3",
+                           "COORDINATOR_SURGE_MULTIPLIER_PERMILLE": "1500", "COORDINATOR_SURGE_HOLD_S": "60"})
+    cfg = s.scheduler
+    assert (cfg.max_ask_micro, cfg.surge_ratio, cfg.surge_multiplier_permille, cfg.surge_hold_ms) == (
+        12_500_000, 3, 1500, 60_000)
+    for bad in ({"COORDINATOR_MAX_ASK_CREDITS": "0"}, {"COORDINATOR_MAX_ASK_CREDITS": "x"},
+                {"COORDINATOR_SURGE_MULTIPLIER_PERMILLE": "999"}, {"COORDINATOR_SURGE_RATIO": "0"}):
+        with pytest.raises(SettingsError):
+            Settings.from_env(bad)
