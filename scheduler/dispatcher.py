@@ -38,7 +38,6 @@ from scheduler.config import SchedulerConfig
 from scheduler.fair_queue import FairQueue
 from scheduler.islands import APPROVED, Island
 from scheduler.market import (
-    PERMILLE,
     BidPreferences,
     MarketState,
     Surge,
@@ -496,15 +495,16 @@ class DispatchCore:
                 timer_cmds.append(surge_cmd)
             decisions = self._decide(now_ms)
             surge_permille = self.market.surge_permille
+            # the selected Islands' asks, read with the decisions (an ask may change right after)
+            asks = [self.registry.islands[d.island_id].ask_for(live.cargo) if live.budget_micro >= 0 else -1
+                    for live, d in decisions]
         futures: list[tuple[Future, Any]] = [(self.committer.submit(c), None) for c in timer_cmds]
-        for live, d in decisions:
+        for (live, d), ask in zip(decisions, asks):
             score = {"karma": d.score.karma, "latency": d.score.latency, "load": d.score.load,
                      "price": d.score.price, "warm_model": d.score.warm_model, "total": d.score.total,
                      "considered": d.candidates_considered, "examined": d.candidates_examined,
                      "eligible": d.candidates_eligible, "fleet": d.fleet_size, "tied": d.tied}
-            rec = self.registry.islands[d.island_id]
-            owner = rec.owner_account_id
-            ask = rec.ask_for(live.cargo) if live.budget_micro >= 0 else -1
+            owner = self.registry.islands[d.island_id].owner_account_id
             futures.append((self.committer.submit(
                 lambda uow, j=live.job_id, i=d.island_id, o=owner, s=score, n=d.candidates_considered, a=ask,
                 sp=surge_permille: cmd.assign_in(uow, j, i, o, now_ms + self.config.ack_timeout_ms, s, n,
