@@ -107,7 +107,16 @@ def job_out(v: JobView, island_name: str | None = None) -> JobOut:
         usage=usage_of(v.kind, v.usage, v.charged_micro) if v.usage is not None else None,
         model=v.model or None, island_id=v.island_id or None, island_name=island_name, tokens_per_second=tps,
         credits_held=Decimal(0) if terminal else _credits(v.hold_micro), credits_charged=_credits(v.charged_micro),
-        attempts=v.attempts, parent_id=v.parent_id or None, batch_index=v.batch_index if v.parent_id else None)
+        attempts=v.attempts, parent_id=v.parent_id or None, batch_index=v.batch_index if v.parent_id else None,
+        **market_fields(v))
+
+
+def market_fields(v: JobView) -> dict[str, Any]:
+    """The exchange's extras on a Job: its budget and source, and its clearing rate once assigned."""
+    if not v.budget_source:
+        return {}
+    return {"budget": _credits(v.budget_micro), "budget_source": v.budget_source,
+            "clearing_price": _credits(v.clearing_micro) if v.clearing_micro >= 0 else None}
 
 
 def batch_job_out(snap: BatchSnapshot) -> JobOut:

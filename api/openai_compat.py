@@ -193,7 +193,8 @@ def openai_handlers(services: ApiServices) -> list[Any]:
         account_id = request.user.account_id
         cargo, model = resolve_model(current()["cargos"], data.model)
         payload = chat_input(data, model)
-        view = await sched.asubmit(account_id, cargo.slug, payload, idempotency_key=request.scope.get(
+        prefs = {"bid_price": data.bid_price} if data.bid_price is not None else None  # extension field
+        view = await sched.asubmit(account_id, cargo.slug, payload, prefs, idempotency_key=request.scope.get(
             "idempotency_key"))
         completion_id = f"chatcmpl-{view.id}"
         created = int(view.created_at.timestamp())

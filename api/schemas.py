@@ -116,6 +116,10 @@ class JobOut(msgspec.Struct, kw_only=True):
     parent_id: str | None = None
     batch_index: int | None = None
     is_batch: bool = False
+    # the Compute Exchange (docs/EXCHANGE.md): rates in credits per the Cargo's billing unit
+    budget: Decimal | None = None
+    budget_source: str | None = None  # bid | preference | market | list
+    clearing_price: Decimal | None = None  # once assigned
 
 
 class JobEnvelope(msgspec.Struct):
@@ -295,6 +299,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     n: int | None = None
     user: str | None = None
+    bid_price: str | None = None  # extension (the Compute Exchange): most credits per billing unit
 
 
 class ChatMessageOut(msgspec.Struct, kw_only=True):

@@ -49,6 +49,7 @@ from islandlink.state import APPEND, BAD_SEQUENCE, NONE, OK, REPLACE, ChannelSta
 from scheduler import commands as cmd
 from scheduler.islands import Island
 from scheduler.jobs import ASSIGNED, RUNNING, IllegalTransition
+from scheduler.market import BadAsk
 from scheduler.registry import BadCapabilities, parse_capabilities
 from scheduler.service import hash_token
 
@@ -141,6 +142,7 @@ class Session:
     said_bye: bool = False
     closed_by_island: bool = False
     last_heartbeat: float = 0.0
+    last_asks: dict[str, str] | None = None  # the heartbeat's asking_prices last applied
     bad_messages: int = 0
     refusals: int = 0
     refusal_window: float = field(default_factory=time.monotonic)
@@ -461,6 +463,8 @@ class IslandChannel:
     async def _handle(self, s: Session, msg: Any) -> None:
         if isinstance(msg, p.Heartbeat):
             self._heartbeat(s, msg)
+            if msg.asking_prices is not None and msg.asking_prices != s.last_asks:
+                await self._asks(s, msg.asking_prices)
         elif isinstance(msg, p.Output):
             await self._output(s, msg)
         elif isinstance(msg, p.Progress):
@@ -491,6 +495,15 @@ class IslandChannel:
         self.bus.live(HeartbeatNote(s.island_id, slots, max(0, min(1000, msg.load_permille)), rtt,
                                     [m[:128] for m in msg.warm_models[:256]]))
         s.send(p.HeartbeatAck(seq=msg.seq, server_time_ms=self.clock_ms()))
+
+    async def _asks(self, s: Session, prices: dict[str, str]) -> None:
+        """The heartbeat's asking prices, applied when they differ from the last ones this
+        session applied (the scheduler writes `Island.AsksChanged` only on a real change)."""
+        s.last_asks = dict(prices)  # a bad map is refused once, not on every heartbeat
+        try:
+            await self.scheduler.aset_asking_prices(uuid.UUID(s.island_id), prices, by="island")
+        except BadAsk as exc:
+            raise _Refused("bad_asks", str(exc)[:300]) from None
 
     async def _command(self, job_uuid: uuid.UUID, command: Any) -> Any:
         """An Island command on a Job. With several processes writing, the Job is first

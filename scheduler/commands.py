@@ -25,6 +25,7 @@ from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig
 from scheduler.validation import ChatInput, prompt_tokens_estimate
 from scheduler.islands import APPROVED, Island
+from scheduler.market import SURGE_ID, BidPreferences, Budget, Surge, bids_id, clearing_micro, price_at_rate
 from scheduler.jobs import (
     ASSIGNED,
     PENDING,
@@ -121,7 +122,7 @@ def _own(job: Job, island_id: str, statuses: frozenset[str], action: str) -> Non
 # ----------------------------------------------------------------- consumer side
 def submit_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConfig, job_id: UUID,
               account_id: UUID, admitted: Admitted, *, parent_id: str = "", batch_index: int = -1,
-              pending: bool = False, idem_fp: str = "") -> Job:
+              pending: bool = False, idem_fp: str = "", budget: Budget | None = None) -> Job:
     """`JobSubmitted` and the consumer's hold, one atomic save. The hold lives long
     enough for the queue wait and every attempt; the sweeper releases it if all else fails."""
     # A fresh random id cannot exist (the insert's uniqueness would catch it anyway); only
@@ -136,13 +137,16 @@ def submit_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConf
         + ledger_config.hold_ttl_ms
     cargo = admitted.cargo
     job_key = str(job_id)
-    place_hold_in(uow, ledger_config, account_id, job_key, admitted.hold_micro, reference=f"job:{job_key}",
+    hold = budget.hold_micro if budget is not None else admitted.hold_micro
+    place_hold_in(uow, ledger_config, account_id, job_key, hold, reference=f"job:{job_key}",
                   expires_at_ms=expires, requires_kyc=cargo.requires_kyc, free_tier_allowed=cargo.free_tier)
+    market = {"budget_micro": budget.budget_micro, "budget_source": budget.source,
+              "list_rate_micro": budget.list_rate_micro} if budget is not None else {}
     job = Job._create(Job.Submitted, id=job_id, account_id=account_key, cargo=cargo.slug, cargo_id=cargo.id,
                       kind=cargo.kind, model=admitted.model, input=admitted.input_dict, prefs=admitted.prefs,
-                      hold_micro=admitted.hold_micro, max_attempts=sched.max_attempts,
+                      hold_micro=hold, max_attempts=sched.max_attempts,
                       status=PENDING if pending else QUEUED, parent_id=parent_id, batch_index=batch_index,
-                      idem_fp=idem_fp, timestamp=_ts(uow))
+                      idem_fp=idem_fp, timestamp=_ts(uow), **market)
     uow.add(job)
     return job
 
@@ -170,7 +174,8 @@ def cancel_in(uow: UnitOfWork, ledger_config: LedgerConfig, catalog: Catalog, jo
         cargo = catalog.by_slug(job.cargo)
         assert isinstance(cargo.pricing, ChatPricing)
         prompt = prompt_tokens_estimate(msgspec.convert(job.input, ChatInput))
-        charged = partial_chat_price_micro(cargo.pricing, prompt, delivered_tokens, job.hold_micro)
+        partial = partial_chat_price_micro(cargo.pricing, prompt, delivered_tokens, 2**62)
+        charged = min(_at_clearing(job, partial), job.hold_micro)
         usage = {"prompt_tokens": prompt, "completion_tokens": delivered_tokens,
                  "total_tokens": prompt + delivered_tokens}
     stage = job.status
@@ -198,13 +203,22 @@ def _created_ms(job: Job) -> int:
 
 # ----------------------------------------------------------------- dispatcher side
 def assign_in(uow: UnitOfWork, job_id: UUID, island_id: str, owner_account_id: str, ack_deadline_ms: int,
-              score: dict, candidates: int) -> Job:
+              score: dict, candidates: int, *, ask_micro: int = -1, surge_permille: int = 1000) -> Job:
+    """Offer the Job to an Island. Under the exchange (a Job with a budget) the clearing
+    rate is computed here from the Island's ask and the surge, never above the budget."""
     job = load_job(uow, job_id)
     job.require(_ONLY_QUEUED, "assign")
     if island_id in job.excluded:
         raise IllegalTransition(job_id, job.status, f"assign to excluded island {island_id}")
+    market: dict = {}
+    if job.budget_source and ask_micro >= 0:
+        if ask_micro > job.budget_micro:
+            raise IllegalTransition(job_id, job.status, f"assign to island {island_id} asking above the budget")
+        market = {"ask_micro": ask_micro, "surge_permille": surge_permille,
+                  "clearing_micro": clearing_micro(ask_micro, surge_permille, job.budget_micro), "cargo": job.cargo}
     job.trigger_event(Job.Assigned, island_id=island_id, owner_account_id=owner_account_id,
-                      ack_deadline_ms=ack_deadline_ms, score=score, candidates=candidates, timestamp=_ts(uow))
+                      ack_deadline_ms=ack_deadline_ms, score=score, candidates=candidates, timestamp=_ts(uow),
+                      **market)
     return job
 
 
@@ -237,6 +251,14 @@ def _slow_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island: Island, job
     if karma_rules.is_slow(tokens, ran_ms, reported, rates):
         delta = karma_rules.for_slow(island.karma_milli, rates)
         _karma_change(uow, island, delta, karma_rules.REASON_SLOW, str(job.id), island.karma_carry, 0)
+
+
+def _at_clearing(job: Job, list_price_micro: int) -> int:
+    """A list price scaled to the Job's clearing rate (unchanged for a Job priced before
+    the exchange, or one never assigned under it)."""
+    if job.clearing_micro < 0 or not job.budget_source:
+        return list_price_micro
+    return price_at_rate(list_price_micro, job.clearing_micro, job.list_rate_micro)
 
 
 def _karma_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island_id: str, reason: str, job_id: UUID,
@@ -341,7 +363,7 @@ def complete_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerCo
     else:
         price = image_price_micro(cargo.pricing, job.input["width"], job.input["height"], job.input["steps"])
         tps = 0
-    charged = settlement_micro(price, job.hold_micro)
+    charged = settlement_micro(_at_clearing(job, price), job.hold_micro)
     post = post_hold_in(uow, ledger_config, uuid_of(job.account_id), str(job_id), charged, job.owner_account_id)
     _karma_in(uow, sched.karma, island_id, karma_rules.REASON_COMPLETED, job_id, compute_ms)
     if job.kind == "chat":
@@ -350,9 +372,10 @@ def complete_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerCo
         except (NotYourJob, ValueError):
             pass
     clean["credits_used_micro"] = charged
+    market = {"list_price_micro": price, "clearing_micro": job.clearing_micro} if job.budget_source else {}
     job.trigger_event(Job.Completed, usage=clean, output=output, charged_micro=charged,
                       earning_micro=post.earning_micro, fee_micro=post.fee_micro, compute_ms=compute_ms,
-                      tokens_per_s_milli=tps, timestamp=_ts(uow))
+                      tokens_per_s_milli=tps, timestamp=_ts(uow), **market)
     return job
 
 
@@ -480,3 +503,47 @@ def set_capabilities_in(uow: UnitOfWork, island_id: UUID, capabilities: dict[str
         island.trigger_event(Island.CapabilitiesChanged, capabilities=capabilities, timestamp=_ts(uow))
     return island
 
+
+
+# ----------------------------------------------------------------- the market
+def set_asks_in(uow: UnitOfWork, island_id: UUID, asks_micro: dict[str, int], *, by: str) -> bool:
+    """Replace an Island's asking prices (already validated). False, and nothing written,
+    when they are what the Island already asks."""
+    island = load_island(uow, island_id)
+    if island.asks_micro == asks_micro:
+        return False
+    island.trigger_event(Island.AsksChanged, asks_micro=dict(asks_micro), by=str(by)[:128], timestamp=_ts(uow))
+    return True
+
+
+def set_bid_in(uow: UnitOfWork, account_id: str, slug: str, max_price_micro: int | None, *, by: str) -> bool:
+    """Save (or, with None, delete) an account's bid for a Cargo. False when unchanged."""
+    prefs = uow.get_or_none(bids_id(account_id))
+    if prefs is None:
+        if max_price_micro is None:
+            return False
+        prefs = BidPreferences._create(BidPreferences.Created, id=bids_id(account_id), account_id=account_id,
+                                       timestamp=_ts(uow))
+        uow.add(prefs)
+    current = prefs.bids_micro.get(slug)
+    if current == max_price_micro:
+        return False
+    if max_price_micro is None:
+        prefs.trigger_event(BidPreferences.BidCleared, slug=slug, by=str(by)[:128], timestamp=_ts(uow))
+    else:
+        prefs.trigger_event(BidPreferences.BidSet, slug=slug, max_price_micro=max_price_micro, by=str(by)[:128],
+                            timestamp=_ts(uow))
+    return True
+
+
+def set_surge_in(uow: UnitOfWork, active: bool, multiplier_permille: int, queued: int, free_slots: int) -> bool:
+    """Switch the surge on or off (False, nothing written, when it already is so)."""
+    surge = uow.get_or_none(SURGE_ID)
+    if surge is None:
+        surge = Surge._create(Surge.Created, id=SURGE_ID, timestamp=_ts(uow))
+        uow.add(surge)
+    if surge.active == active:
+        return False
+    surge.trigger_event(Surge.Switched, active=active, multiplier_permille=multiplier_permille if active else 1000,
+                        queued=queued, free_slots=free_slots, timestamp=_ts(uow))
+    return True

@@ -44,6 +44,9 @@ class Island(ChainedAggregate):
         self.jobs_completed = 0
         self.jobs_failed = 0
         self.draining = False
+        # Asking prices per Cargo slug (and "_default"), micro-credits per billing unit
+        # (scheduler/market.py); registration's capabilities may carry the first ones.
+        self.asks_micro: dict[str, int] = dict(capabilities.get("asks_micro", {}))
 
     class Approved(ChainedAggregate.Event):
         by: str
@@ -75,6 +78,17 @@ class Island(ChainedAggregate):
 
         def apply(self, island: Island) -> None:
             island.capabilities = self.capabilities
+
+    class AsksChanged(ChainedAggregate.Event):
+        """The Island's asking prices changed (owner's POST /market/asking-prices, or the
+        Island's heartbeat `asking_prices`): `asks_micro` is the whole new map, slug (or
+        `_default`) -> micro-credits per the Cargo's billing unit; `by` who set it."""
+
+        asks_micro: dict
+        by: str
+
+        def apply(self, island: Island) -> None:
+            island.asks_micro = dict(self.asks_micro)
 
     class WentOnline(ChainedAggregate.Event):
         def apply(self, island: Island) -> None:

@@ -218,17 +218,28 @@ def test_js_sdk_every_call(srv: LiveServer):
     assert all(200 <= status < 300 for _, _, status in sdk.log), sdk.log
 
 
-# bid_price as the SDKs write it: JS String(n) ("0.5", "0.00001", "1e-7"), Python str(n) ("1e-05")
-@pytest.mark.parametrize(("bid", "ok"), [("0.5", True), ("0.00001", True), ("1e-05", True), ("1e-7", False)])
-def test_js_sdk_batch_with_a_string_bid_price(srv: LiveServer, bid: str, ok: bool):
+# bid_price as the SDKs write it: JS String(n) ("5", "3.000001", "1e-7"), Python str(n) ("1e-05").
+# Since the Compute Exchange (docs/EXCHANGE.md) a bid is a budget per billing unit: at or above
+# the Islands' ask (the list rate, 3 credits per 1k completion tokens for llm-chat) it runs; an
+# exact but too-low bid is refused for budget (409, parsed exactly); a bid finer than one
+# micro-credit is invalid input (422).
+@pytest.mark.parametrize(("bid", "outcome"), [("5", "ok"), ("3.000001", "ok"), ("1e-05", "budget"),
+                                              ("1e-7", "invalid")])
+def test_js_sdk_batch_with_a_string_bid_price(srv: LiveServer, bid: str, outcome: str):
     _, key = srv.account(credits=500)
     sdk = JsSdk(srv.url, key)
     inputs = [{"prompt": f"item {i}", "max_tokens": 16} for i in range(3)]
-    if not ok:  # finer than one micro-credit: refused with the reason, nothing created
+    if outcome != "ok":  # refused with the reason, nothing created
         resp = httpx.post(srv.url + "/api/v1/jobs/batch", headers={"Authorization": f"Bearer {key}"},
                           json={"workload": "llm-chat", "inputs": inputs, "merge_strategy": "concat",
                                 "fail_mode": "best_effort", "bid_price": bid})
-        assert resp.status_code == 422 and "bid_price" in resp.json()["errors"], resp.text
+        if outcome == "invalid":
+            assert resp.status_code == 422 and "bid_price" in resp.json()["errors"], resp.text
+        else:
+            body = resp.json()["error"]
+            assert resp.status_code == 409 and body["code"] == "no_island_within_budget", resp.text
+            assert body["budget"] == 0.00001 and body["budget_source"] == "bid"
+        assert sdk.list_jobs() == []  # nothing was created
         return
     batch = sdk.submit_batch("llm-chat", inputs, max_parallelism=2, region="eu", bid_price=bid)
     assert isinstance(batch["id"], str) and isinstance(batch["state"], str) and batch["workload"] == "llm-chat"
