@@ -9,11 +9,12 @@ from projections.engine import Projection
 
 
 def all_projections() -> list[Projection]:
+    from projections.conversations import ConversationsProjection
     from projections.islands import IslandsProjection
     from projections.jobs import JobsProjection
     from projections.ledger import LedgerProjection
 
-    return [JobsProjection(), IslandsProjection(), LedgerProjection()]
+    return [JobsProjection(), IslandsProjection(), LedgerProjection(), ConversationsProjection()]
 
 
 def projection_names() -> list[str]:
