@@ -109,7 +109,7 @@ def web_router(services: ApiServices, ws: WebSettings, links: LoginLinks, island
         return Redirect(path=f"/login?next={quote(request.url.path)}", status_code=303)
 
     def page(name: str, me: Me | None, active: str, status: int = 200, **ctx: Any) -> Template:
-        return Template(template_name=name, status_code=status,
+        return Template(template_name=name, status_code=status, media_type=MediaType.HTML,
                         context={"me": me, "active": active, "topup_micro": ws.topup_micro, **ctx})
 
     def not_found_page(me: Me | None, what: str) -> Template:

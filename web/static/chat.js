@@ -40,7 +40,8 @@
   function jobInput(history, text) {
     const s = settings(), { model } = chosen();
     const inp = { messages: [...history, { role: "user", content: text }], temperature: s.temperature,
-                  max_tokens: s.max_tokens, conversation_id: conversationId };
+                  max_tokens: s.max_tokens };
+    if (conversationId) inp.conversation_id = conversationId;
     if (s.system_prompt) inp.system_prompt = s.system_prompt;
     if (model) inp.model = model;
     return inp;
@@ -54,7 +55,8 @@
     const status = A.el("div", { class: "status", "data-testid": "job-status", role: "status" });
     const meta = A.el("div", { class: "meta", "data-testid": "message-meta", hidden: true });
     const actions = A.el("div", { class: "actions" });
-    const node = A.el("div", { class: "msg assistant", "data-testid": "assistant-message", tabindex: "0" }, status, body, meta, actions);
+    const foot = A.el("div", { class: "foot" }, meta, actions);
+    const node = A.el("div", { class: "msg assistant", "data-testid": "assistant-message", tabindex: "0" }, status, body, foot);
     turn.node = node; turn.body = body; turn.statusEl = status; turn.meta = meta; turn.actions = actions;
     return node;
   }
@@ -106,7 +108,7 @@
       setStatus(turn, "failed"); showError(turn, e.message); showActions(turn, index); return;
     }
     if (!location.pathname.startsWith("/chat/")) history.replaceState(null, "", "/chat/" + conversationId);
-    turn.jobId = job.id; live = turn; busy(true);
+    turn.jobId = job.id; turn.node.dataset.jobId = job.id; live = turn; busy(true);
     setStatus(turn, job.status);
     const started = performance.now();
     turn.sub = A.stream(job.id, async (ev) => {
@@ -200,6 +202,7 @@
       const turn = { user: t.user, jobId: t.job_id, text: t.text };
       turns[i] = turn;
       list.append(userNode(t.user), assistantNode(turn));
+      turn.node.dataset.jobId = t.job_id;
       setStatus(turn, t.status);
       if (t.status === "completed") { turn.body.className = "body"; turn.body.innerHTML = t.html; showMeta(turn, t); }
       else if (t.terminal) showError(turn, t.error || t.status);
