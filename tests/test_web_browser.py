@@ -76,7 +76,7 @@ class World:
         tag = uuid.uuid4().hex[:8]
         self.a = _cli(self.env, "accounts", "create", "--email", f"ada-{tag}@example.org", "--credits", "100",
                       "--kyc")["account_id"]
-        self.b = _cli(self.env, "accounts", "create", "--email", f"bob-{tag}@example.org", "--credits", "5")["account_id"]
+        self.b = _cli(self.env, "accounts", "create", "--email", f"bob-{tag}@example.org", "--credits", "2")["account_id"]
         chat = _cli(self.env, "islands", "create", "--owner", self.a, "--name", "reef-chat", "--region", "eu-west",
                     "--approve")
         image = _cli(self.env, "islands", "create", "--owner", self.a, "--name", "reef-image", "--region", "eu-west",
@@ -180,11 +180,12 @@ def tid(name: str) -> str:
 
 
 def wait(d, fn, timeout: float = 20.0):
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
-        return WebDriverWait(d, timeout, poll_frequency=0.05).until(lambda _d: fn())
+        return WebDriverWait(d, timeout, poll_frequency=0.05,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(lambda _d: fn())
     except TimeoutException:
         SHOTS.mkdir(parents=True, exist_ok=True)
         d.save_screenshot(str(SHOTS / "FAILED.png"))
@@ -210,6 +211,16 @@ def fetch_json(d, path: str) -> dict[str, Any]:
         "fetch(arguments[0], {credentials: 'same-origin'}).then(async r => done({status: r.status,"
         " type: r.headers.get('content-type'), body: r.headers.get('content-type','').includes('json') ?"
         " await r.json() : null})).catch(e => done({status: -1, error: String(e)}));", path)
+
+
+def post_json(d, path: str, body: Any, method: str = "POST") -> dict[str, Any]:
+    """A JSON request from inside the page with its session and CSRF header."""
+    return d.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0], {method: arguments[2], credentials: 'same-origin', headers: {'content-type':"
+        " 'application/json', 'x-csrf-token': document.querySelector('meta[name=csrf-token]').content},"
+        " body: JSON.stringify(arguments[1])}).then(async r => done({status: r.status, body: await r.json()}))"
+        ".catch(e => done({status: -1, error: String(e)}));", path, body, method)
 
 
 def watch_statuses(d) -> None:
@@ -425,8 +436,19 @@ def test_image_progress_result_download_thumbnails(world, browser):
 def test_account_pages_keys_topup(world, browser):
     d = browser
     sign_in(d, world, world.a)
+    made = post_json(d, "/api/v1/jobs", {"workload": "llm-chat-lite", "input": {"prompt": "a statement line"}})
+    assert made["status"] == 201, made
+    job = made["body"]["data"]["id"]
+    wait(d, lambda: fetch_json(d, f"/api/v1/jobs/{job}")["body"]["data"]["status"] == "completed", 30)
+    # without the CSRF header the session does not write
+    no_csrf = d.execute_async_script(
+        "const done = arguments[arguments.length - 1]; fetch('/api/v1/jobs', {method: 'POST', credentials:"
+        " 'same-origin', headers: {'content-type': 'application/json'}, body: JSON.stringify({workload:"
+        " 'llm-chat-lite', input: {prompt: 'x'}})}).then(r => done(r.status));")
+    assert no_csrf in (401, 403), no_csrf
     d.get(world.url + "/account/credits")
     lines = q(d, "statement-line")
+    assert any(job[:8] in ln.text for ln in lines)
     assert lines and any(ln.find_elements("css selector", "a") for ln in lines)  # explained by its Job
     before = q(d, "credits-balance")[0].text
     q(d, "top-up")[0].click()
