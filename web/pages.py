@@ -296,7 +296,8 @@ def web_router(services: ApiServices, ws: WebSettings, links: LoginLinks, island
     def explain(time_ms: int, event: str, code: str, reference: str, amount: int, after: int, pos: int
                 ) -> dict[str, Any]:
         job_id = reference[4:] if reference.startswith("job:") else ""
-        what = {"hold": "held for a Job", "release": "hold released", "post": "charged for a Job",
+        what = {"hold": "held for a Job (its price is charged from the hold)", "release": "unused part of a hold returned",
+                "post": "charged for a Job",
                 "refund": "refunded", "grant": "credits granted", "purchase": "credits bought",
                 "adjustment": "operator adjustment", "fee": "platform fee", "earning": "earned"}.get(code, code)
         if reference == "web:virtual-top-up":

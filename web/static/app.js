@@ -34,7 +34,7 @@
     try {
       const me = (await A.api("GET", "/web/api/me")).data;
       const b = document.querySelector('[data-testid="balance"]');
-      if (b) b.textContent = A.credits(me.credits) + " credits";
+      if (b) { b.querySelector(".amt").textContent = A.credits(me.credits); b.setAttribute("aria-label", "Balance: " + A.credits(me.credits) + " credits"); }
       document.dispatchEvent(new CustomEvent("me", { detail: me }));
       return me;
     } catch (e) { return null; }

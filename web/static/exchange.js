@@ -12,11 +12,8 @@
     const svg = $("#chart"), NS = "http://www.w3.org/2000/svg";
     svg.replaceChildren();
     const ys = points.map((p) => num(pick(p, "price", "expected_price", "rate", "value", "close"))).filter((v) => v !== null);
-    if (ys.length < 2) {
-      const t = document.createElementNS(NS, "text"); t.setAttribute("x", "300"); t.setAttribute("y", "125");
-      t.setAttribute("text-anchor", "middle"); t.setAttribute("fill", "#5b6270"); t.textContent = "Not enough history in this window yet";
-      svg.append(t); return;
-    }
+    $("#chart-empty").hidden = ys.length >= 2;
+    if (ys.length < 2) return;
     const lo = Math.min(...ys), hi = Math.max(...ys), span = hi - lo || 1;
     const d = ys.map((y, i) => (i ? "L" : "M") + (i * 600 / (ys.length - 1)).toFixed(1) + " " + (220 - (y - lo) / span * 200).toFixed(1)).join(" ");
     const path = document.createElementNS(NS, "path");
