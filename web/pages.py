@@ -139,7 +139,7 @@ def web_router(services: ApiServices, ws: WebSettings, links: LoginLinks, island
         return Redirect(path="/chat" if account_of(request) else "/login", status_code=303)
 
     @get("/login", opt=OWN, include_in_schema=False)
-    async def login_page(request: Request, next_: str | None = None) -> Template:
+    async def login_page(request: Request) -> Template:
         nxt = _safe_next(request.query_params.get("next"))
         return page("login.html", None, "login", next=nxt, error=None)
 
