@@ -357,7 +357,10 @@ def web_router(services: ApiServices, ws: WebSettings, links: LoginLinks, island
                 for m in sorted(cg.models):
                     if m in models:
                         counts[(m, cg.slug)] = counts.get((m, cg.slug), 0) + 1
-        data = [{"id": m, "workload_slug": slug, "online_hosts": n} for (m, slug), n in sorted(counts.items())]
+        order = {cg.slug: i for i, cg in enumerate(chat)}
+        defaults = {cg.slug: cg.model for cg in chat}
+        ranked = sorted(counts.items(), key=lambda kv: (order[kv[0][1]], kv[0][0] != defaults[kv[0][1]], kv[0][0]))
+        data = [{"id": m, "workload_slug": slug, "online_hosts": n} for (m, slug), n in ranked]
         return ok({"data": data})
 
     @post("/web/api/estimate", opt=OWN, include_in_schema=False)
