@@ -190,6 +190,7 @@
       const items = (await A.api("GET", "/web/api/conversations")).data;
       convs.replaceChildren(...items.map((c) => A.el("li", {}, A.el("a", { href: "/chat/" + encodeURIComponent(c.id),
         "data-testid": "conversation", "aria-current": c.id === conversationId ? "true" : null, text: c.title }))));
+      if (!items.length) convs.append(A.el("li", { class: "hint", style: "padding:8px 10px", text: "Your conversations will show up here." }));
     } catch (e) { /* the list stays as it was */ }
   }
   async function loadConversation() {
