@@ -378,7 +378,7 @@ class IslandChannel:
             reason = "said bye" if session.said_bye else "disconnected"
             try:
                 await self.c.committer.aexecute(lambda uow: cmd.set_island_online_in(
-                    uow, uuid.UUID(session.island_id), False, reason))
+                    uow, uuid.UUID(session.island_id), False, reason, self.config.karma))
             except Exception as exc:  # noqa: BLE001 - the missed-heartbeat check marks it offline anyway
                 log.warning("island_offline_not_recorded", island_id=session.island_id, error=repr(exc))
         log.info("island_disconnected", island_id=session.island_id, replaced=session.replaced,

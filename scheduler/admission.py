@@ -7,6 +7,9 @@ transaction as `JobSubmitted`; its ledger errors map to the same refusal reasons
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal
+
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -96,12 +99,23 @@ def parse_prefs(raw: dict[str, Any] | None) -> dict[str, Any]:
         try:
             if isinstance(bid, float):
                 raise TypeError("bid_price must be a decimal string, not a float")
-            out["bid_micro"] = credits_to_micro(bid if isinstance(bid, str) else int(bid))
+            out["bid_micro"] = credits_to_micro(_bid_text(bid) if isinstance(bid, str) else int(bid))
         except (TypeError, ValueError) as exc:
             errors.setdefault("bid_price", []).append(str(exc))
     if errors:
         raise InvalidInput(errors)
     return out
+
+
+_EXPONENT_BID = re.compile(r"\s*[+-]?[0-9]{1,20}(\.[0-9]{1,20})?[eE][+-]?[0-9]{1,3}\s*")
+
+
+def _bid_text(text: str) -> str | Decimal:
+    """`bid_price` text as the published SDKs send it: JavaScript's `String(n)` and Python's
+    `str(n)` write small numbers in exponent form ("1e-05" = 10 micro-credits), so an
+    exponent is accepted here and parsed exactly (Decimal); a value finer than one
+    micro-credit ("1e-7") is still refused by `credits_to_micro`."""
+    return Decimal(text.strip()) if _EXPONENT_BID.fullmatch(text) else text
 
 
 def admit(catalog: Catalog, cargo_slug: str, raw_input: Any, raw_prefs: dict[str, Any] | None = None) -> Admitted:

@@ -208,12 +208,44 @@ def assign_in(uow: UnitOfWork, job_id: UUID, island_id: str, owner_account_id: s
     return job
 
 
+def rebase_karma_in(uow: UnitOfWork, island: Island) -> None:
+    """Decision 0051: move an Island recorded on the old karma scale onto 0..100 (one
+    `KarmaRebased`, written before its first change under the new rules)."""
+    if not island.karma_legacy:
+        return
+    before = island.karma_milli
+    after = karma_rules.rebased_milli(before)
+    island.trigger_event(Island.KarmaRebased, delta_milli=after - before, reason=karma_rules.REASON_REBASE,
+                         job_id="", karma_after_milli=after, carry=island.karma_carry, compute_ms=0,
+                         timestamp=_ts(uow))
+
+
+def _karma_change(uow: UnitOfWork, island: Island, delta: int, reason: str, job_id: str, carry: int,
+                  compute_ms: int) -> None:
+    island.trigger_event(Island.KarmaChanged, delta_milli=delta, reason=reason, job_id=job_id,
+                         karma_after_milli=island.karma_milli + delta, carry=carry, compute_ms=compute_ms,
+                         timestamp=_ts(uow))
+
+
+def _slow_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island: Island, job: Job, tokens: int) -> None:
+    """Latency against what the Island reported: `capabilities.tokens_per_s` (an integer)
+    against the coordinator's own clock from `Job.Started` to now."""
+    reported = island.capabilities.get("tokens_per_s") if isinstance(island.capabilities, dict) else None
+    if not isinstance(reported, int) or isinstance(reported, bool) or job.started_at is None:
+        return
+    ran_ms = uow.now_ms - datetime_to_ms(job.started_at)
+    if karma_rules.is_slow(tokens, ran_ms, reported, rates):
+        delta = karma_rules.for_slow(island.karma_milli, rates)
+        _karma_change(uow, island, delta, karma_rules.REASON_SLOW, str(job.id), island.karma_carry, 0)
+
+
 def _karma_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island_id: str, reason: str, job_id: UUID,
               compute_ms: int = 0) -> int:
     try:
         island = load_island(uow, uuid_of(island_id))
     except (NotYourJob, ValueError):
         return 0
+    rebase_karma_in(uow, island)
     carry = island.karma_carry
     if reason == karma_rules.REASON_COMPLETED:
         delta, carry = karma_rules.for_completed(island.karma_milli, compute_ms, rates, island.karma_carry)
@@ -312,6 +344,11 @@ def complete_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerCo
     charged = settlement_micro(price, job.hold_micro)
     post = post_hold_in(uow, ledger_config, uuid_of(job.account_id), str(job_id), charged, job.owner_account_id)
     _karma_in(uow, sched.karma, island_id, karma_rules.REASON_COMPLETED, job_id, compute_ms)
+    if job.kind == "chat":
+        try:
+            _slow_in(uow, sched.karma, load_island(uow, uuid_of(island_id)), job, clean["completion_tokens"])
+        except (NotYourJob, ValueError):
+            pass
     clean["credits_used_micro"] = charged
     job.trigger_event(Job.Completed, usage=clean, output=output, charged_micro=charged,
                       earning_micro=post.earning_micro, fee_micro=post.fee_micro, compute_ms=compute_ms,
@@ -347,7 +384,8 @@ def register_island_in(uow: UnitOfWork, sched: SchedulerConfig, island_id: UUID,
         raise IslandExists(f"island {island_id} exists")
     approval = APPROVED if (approve or sched.auto_approve_islands) else "pending"
     island = Island._create(Island.Registered, id=island_id, owner_account_id=str(owner_account_id), name=name,
-                            token_hash=token_hash, capabilities=capabilities, approval=approval, timestamp=_ts(uow))
+                            token_hash=token_hash, capabilities=capabilities, approval=approval,
+                            karma_start_milli=sched.karma.start_milli, timestamp=_ts(uow))
     uow.add(island)
     return island
 
@@ -370,14 +408,17 @@ def adjust_karma_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island_id: U
     if not by or not reason or len(by) > 64 or len(reason) > 500:
         raise BadKarmaAdjustment("an adjustment needs who (at most 64 characters) and why (at most 500)")
     island = load_island(uow, island_id)
-    before = island.karma_milli
+    before = island.karma_shown_milli
     applied = karma_rules.for_adjustment(before, delta_milli, rates)
     if applied == 0:
-        raise BadKarmaAdjustment(f"karma is at the floor ({rates.floor_milli / 1000:g}): nothing to take")
+        edge = "floor" if delta_milli < 0 else "ceiling"
+        value = rates.floor_milli if delta_milli < 0 else rates.ceiling_milli
+        raise BadKarmaAdjustment(f"karma is at the {edge} ({value / 1000:g}): nothing to change")
+    rebase_karma_in(uow, island)
     island.trigger_event(Island.KarmaAdjusted, delta_milli=applied, reason=karma_rules.REASON_OPERATOR, job_id="",
                          karma_after_milli=before + applied, carry=island.karma_carry, compute_ms=0, by=by,
                          note=reason, timestamp=_ts(uow))
-    assert island.karma_milli == before + applied >= rates.floor_milli
+    assert rates.floor_milli <= island.karma_milli == before + applied <= rates.ceiling_milli
     return KarmaAdjustment(before, island.karma_milli)
 
 
@@ -399,12 +440,20 @@ def set_island_draining_in(uow: UnitOfWork, island_id: UUID, draining: bool, *, 
     return True
 
 
-def set_island_online_in(uow: UnitOfWork, island_id: UUID, online: bool, reason: str = "") -> Island:
+def set_island_online_in(uow: UnitOfWork, island_id: UUID, online: bool, reason: str = "",
+                         rates: karma_rules.KarmaRates | None = None) -> Island:
+    """Online/offline; going offline closes an online interval, which earns uptime karma
+    (decision 0051) when `rates` are given and a whole milli-karma was earned."""
     island = load_island(uow, island_id)
     if island.online != online:
         if online:
             island.trigger_event(Island.WentOnline, timestamp=_ts(uow))
         else:
+            if rates is not None and island.online_since_ms:
+                rebase_karma_in(uow, island)
+                delta = karma_rules.for_uptime(island.karma_milli, uow.now_ms - island.online_since_ms, rates)
+                if delta:
+                    _karma_change(uow, island, delta, karma_rules.REASON_UPTIME, "", island.karma_carry, 0)
             island.trigger_event(Island.WentOffline, reason=reason, timestamp=_ts(uow))
     return island
 

@@ -30,6 +30,7 @@ from eventsourcing.utils import get_topic
 
 from ledger.service import LedgerConfig
 from routing.index import CandidateIndex
+from routing.karma import rebased_milli
 from routing.types import Decision, JobNeeds
 from scheduler import commands as cmd
 from scheduler.cargo_switch import CargoSwitch, switch_id
@@ -53,7 +54,7 @@ JOB_TOPICS = tuple(get_topic(c) for c in (
     Job.Failed, Job.Cancelled, Job.TimedOut))
 ISLAND_TOPICS = tuple(get_topic(c) for c in (
     Island.Registered, Island.Approved, Island.Suspended, Island.CapabilitiesChanged, Island.WentOnline,
-    Island.WentOffline, Island.KarmaChanged, Island.KarmaAdjusted, Island.TokenRotated))
+    Island.WentOffline, Island.KarmaChanged, Island.KarmaAdjusted, Island.KarmaRebased, Island.TokenRotated))
 CARGO_TOPICS = (get_topic(CargoSwitch.Switched),)
 SCHEDULER_TOPICS = JOB_TOPICS + ISLAND_TOPICS + CARGO_TOPICS
 _SCHEDULER_EVENTS = (Job.Event, Island.Event, CargoSwitch.Switched)
@@ -160,6 +161,7 @@ class DispatchCore:
         self.leader = leader or AlwaysLeader()
         self.index = CandidateIndex(weights=config.weights)
         self.registry = Registry(self.index)
+        self._karma_legacy: set[str] = set()  # Islands still on the old karma scale (decision 0051)
         self.queue = FairQueue(config.max_queued_per_account, config.max_queued_total)
         self.jobs: dict[UUID, LiveJob] = {}
         self._handlers: dict[type, Callable[[Any, int], None]] = {}  # event class -> what _apply does
@@ -370,18 +372,35 @@ class DispatchCore:
         island_id = str(ev.originator_id)
         if isinstance(ev, Island.Registered):
             self.registry.register(island_id, ev.owner_account_id, ev.name, ev.capabilities, ev.approval == APPROVED)
+            self.registry.islands[island_id].approval = ev.approval
+            start = getattr(ev, "karma_start_milli", None)
+            if start is None:
+                self._karma_legacy.add(island_id)
+            self.registry.set_karma(island_id, rebased_milli(0) if start is None else start)
         elif isinstance(ev, Island.Approved):
             self.registry.set_approved(island_id, True)
+            self._set_approval(island_id, "approved")
         elif isinstance(ev, Island.Suspended):
             self.registry.set_approved(island_id, False)
+            self._set_approval(island_id, "suspended")
         elif isinstance(ev, Island.DrainChanged):
             self.registry.set_draining(island_id, ev.draining)
         elif isinstance(ev, Island.CapabilitiesChanged):
             self.registry.set_capabilities(island_id, ev.capabilities)
         elif isinstance(ev, Island.KarmaChanged):
-            self.registry.set_karma(island_id, ev.karma_after_milli)
+            # decision 0051: an old-scale Island's numbers are shown rebased until its KarmaRebased
+            legacy = island_id in self._karma_legacy and not isinstance(ev, Island.KarmaRebased)
+            if not legacy:
+                self._karma_legacy.discard(island_id)
+            self.registry.set_karma(island_id, rebased_milli(ev.karma_after_milli) if legacy
+                                    else ev.karma_after_milli)
         elif isinstance(ev, Island.WentOffline):
             self.registry.set_offline(island_id)
+
+    def _set_approval(self, island_id: str, approval: str) -> None:
+        rec = self.registry.islands.get(island_id)
+        if rec is not None:
+            rec.approval = approval
 
     # ------------------------------------------------------------ timers
     def _timer(self, due_ms: int, kind: int, live: LiveJob) -> None:
@@ -510,7 +529,7 @@ class DispatchCore:
         for island_id in self.registry.stale(now_ms, self.config.offline_after_ms):
             self.registry.set_offline(island_id)  # live view first: no new offers
             self.committer.submit(lambda uow, i=island_id: cmd.set_island_online_in(
-                uow, UUID(i), False, "missed heartbeats"))
+                uow, UUID(i), False, "missed heartbeats", self.config.karma))
 
     # ------------------------------------------------------------ live inputs (not events)
     def heartbeat(self, island_id: str, now_ms: int, **live: Any) -> None:

@@ -59,7 +59,7 @@ def parse_capabilities(raw: dict[str, Any]) -> dict[str, Any]:
             asks[str(slug)] = credits_to_micro(price)
         except (TypeError, ValueError) as exc:
             raise BadCapabilities(f"asks.{slug}: {exc}") from None
-    return {
+    out = {
         "cargos": strings("cargos", MAX_CARGOS),
         "models": strings("models", MAX_MODELS),
         "vram_mb": integer("vram_mb", 0, 0, 10_000_000),
@@ -72,6 +72,9 @@ def parse_capabilities(raw: dict[str, Any]) -> dict[str, Any]:
         "slots": integer("slots", 1, 1, 1024),
         "asks_micro": asks,
     }
+    if "tokens_per_s" in raw:  # the Island's own speed report: karma's `slow` rule (decision 0051)
+        out["tokens_per_s"] = integer("tokens_per_s", 0, 0, 1_000_000)
+    return out
 
 
 @dataclass
@@ -91,6 +94,7 @@ class IslandRecord:
     active: set[UUID] = field(default_factory=set)  # Jobs assigned to or running on it
     ordinal: int = 0  # registration order (stale Islands are reported in this order)
     draining: bool = False  # an operator's drain: no new Jobs, running ones finish
+    approval: str = "approved"  # pending | approved | suspended (the Island aggregate's, for the hosts API)
 
     def slots_free(self) -> int:
         if self.draining:

@@ -500,7 +500,7 @@ class RealSystem:
                    "fees": by_code.get(lnames.FEE, 0), "released": by_code.get(lnames.RELEASE, 0)}
 
         def karma_of(uow):
-            return [uow.get(UUID(iid)).karma_milli for iid in self.island_ids]
+            return [uow.get(UUID(iid)).karma_shown_milli for iid in self.island_ids]
 
         karma = sorted(self.committer.query(karma_of))
         n = len(karma)

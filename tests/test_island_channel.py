@@ -355,8 +355,8 @@ def test_register_island_over_http_and_connect_with_its_token(srv, consumer):
         assert raw.welcome.approval == "pending" and raw.welcome.island_id == island["id"]
         wait_for(lambda: srv.online(island["id"]))
         got = client.get(f"/islands/{island['id']}").json()["data"]
-        assert got["online"] and got["connected_here"] and got["karma"] == 0
-        assert Decimal(str(got["karma"])) == 0
+        assert got["online"] and got["connected_here"] and got["karma"] == 50  # decision 0051: a new Island starts at 50
+        assert Decimal(str(got["karma"])) == 50
     finally:
         raw.close()
 
