@@ -492,6 +492,12 @@ def test_other_account_kyc_nudge_and_404(world, browser):
     assert q(d, "kyc-required")[0].find_element("css selector", "a").get_attribute("href").endswith(
         "/account/verification")
     shot(d, "image-kyc")
+    q(d, "kyc-required")[0].find_element("css selector", "a").click()
+    wait(d, lambda: q(d, "kyc-status") and q(d, "kyc-status")[0].text == "Not verified")
+    q(d, "request-verification")[0].click()
+    wait(d, lambda: q(d, "kyc-status") and q(d, "kyc-status")[0].text == "Pending")
+    assert fetch_json(d, "/api/v1/verification/status")["body"]["data"]["status"] == "pending"
+    shot(d, "verification-pending")
     job = getattr(world, "a_job", None)
     image = getattr(world, "a_image", None)
     if job is None or image is None:

@@ -58,6 +58,7 @@ class Me:
     kyc_verified: bool
     low: bool
     via: str
+    verification: str = "unverified"  # unverified | pending | verified | rejected (api/verification.py)
 
 
 def _credits(micro: int) -> Decimal:
@@ -101,7 +102,8 @@ def web_router(services: ApiServices, ws: WebSettings, links: LoginLinks, island
             bal = balance_of(c.ledger.config, acct)
             return Me(account_id, bal.email, _credits(bal.spendable_micro), _credits(bal.held_micro),
                       _credits(bal.free_tier_remaining_micro), bal.kyc_verified,
-                      bal.spendable_micro < LOW_CREDITS_MICRO, str(request.session.get("via", "key")))
+                      bal.spendable_micro < LOW_CREDITS_MICRO, str(request.session.get("via", "key")),
+                      str(getattr(acct, "verification", "verified" if bal.kyc_verified else "unverified")))
 
         return await committer.aquery(read)
 

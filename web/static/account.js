@@ -55,7 +55,11 @@
   const vr = $("#verify-request");
   if (vr) vr.addEventListener("click", async () => {
     const msg = $("#verify-msg"); msg.hidden = false;
-    try { await A.api("POST", "/api/v1/verification/request", {}); msg.className = "notice ok"; msg.textContent = "Request sent. We will let you know."; }
+    try {
+      await A.api("POST", "/api/v1/verification/request", {});
+      msg.className = "notice ok"; msg.textContent = "Request sent: an operator will review it.";
+      setTimeout(() => location.reload(), 900);
+    }
     catch (err) {
       msg.className = "notice info";
       msg.textContent = err.status === 404 || err.status === 405 ? "This coordinator takes verification requests through its operator: write to them with your account email." : err.message;

@@ -41,7 +41,8 @@
   };
   // One Job's events over SSE (GET /api/v1/jobs/{id}/stream, the session authenticates).
   A.stream = function (jobId, onEvent) {
-    const es = new EventSource("/api/v1/jobs/" + encodeURIComponent(jobId) + "/stream");
+    // id: lines so that EventSource resumes after a dropped connection with Last-Event-ID
+    const es = new EventSource("/api/v1/jobs/" + encodeURIComponent(jobId) + "/stream?id_lines=true");
     let ended = false;
     es.onmessage = function (m) {
       let ev; try { ev = JSON.parse(m.data); } catch (e) { return; }
