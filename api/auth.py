@@ -7,6 +7,14 @@ hashes are remembered briefly so a flood of bad keys costs no store reads); refu
 expired keys; then one limiter call that also says whether the key was revoked by any
 process; then the scope (GET/HEAD need `read`, everything else `write`). The principal
 goes to `request.user`; the X-RateLimit-* headers go on every answer, errors included.
+
+The web app (web/, decision 0067) calls these same routes from the browser with its
+session instead of a key: when a request has no `Authorization` header and the session
+middleware (mounted only with the web app) found a signed-in session, its account is the
+principal, with the scopes and rate-limit bucket of the key it signed in with (a link
+sign-in gets its own bucket). Unsafe methods are taken from a session only when the web's
+CSRF check ran on the request (`scope["web_csrf_checked"]`). Route handlers whose `opt`
+has `own_auth` (the web pages) authenticate themselves and skip this middleware.
 """
 
 from __future__ import annotations
@@ -30,6 +38,11 @@ READ_POSTS = frozenset({"/api/v1/market/quote"})  # POSTs that change nothing: t
 NEGATIVE_CACHE_SIZE = 10_000
 NEGATIVE_CACHE_S = 60.0
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+SESSION_ACCOUNT = "account_id"  # the keys of a signed-in web session (web/sessions.py writes them)
+SESSION_KEY_ID = "key_id"
+SESSION_SCOPES = "scopes"
 
 
 @dataclass(frozen=True)
@@ -115,10 +128,17 @@ class AuthMiddleware:
         if scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
             await self.app(scope, receive, send)
             return
+        handler = scope.get("route_handler")
+        if handler is not None and handler.opt.get("own_auth"):
+            await self.app(scope, receive, send)
+            return
         token = _bearer(scope)
         if token is None:
-            raise unauthorized()
-        record = await self.auth.authenticate(token)
+            record = _session_record(scope)
+            if record is None:
+                raise unauthorized()
+        else:
+            record = await self.auth.authenticate(token)
         decision = await self.auth.limiter.acquire(record.key_id)
         if decision.revoked:
             self.auth.forget_revoked(record.key_id)
@@ -139,3 +159,18 @@ class AuthMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def _session_record(scope: Scope) -> KeyRecord | None:
+    """The principal of a signed-in web session, or None (see the module docstring)."""
+    session = scope.get("session")
+    if not isinstance(session, dict) or not session.get(SESSION_ACCOUNT):
+        return None
+    if scope["method"] not in READ_METHODS and not scope.get("web_csrf_checked"):
+        return None
+    try:
+        account_id = UUID(str(session[SESSION_ACCOUNT]))
+    except ValueError:
+        return None
+    scopes = frozenset(s for s in session.get(SESSION_SCOPES) or () if s in ("read", "write"))
+    return KeyRecord(str(session.get(SESSION_KEY_ID) or f"web:{account_id}"), account_id, scopes, 0, False, 0)

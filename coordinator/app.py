@@ -114,7 +114,8 @@ def _open_projections(c: Coordinator, mode: str) -> Any:
 
 def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), open_paths: Sequence[str] = (),
                on_startup: Sequence[Any] = (), on_shutdown: Sequence[Any] = (),
-               extra_lifespans: Sequence[Any] = ()) -> Litestar:
+               extra_lifespans: Sequence[Any] = (), outer_middleware: Sequence[Any] = (),
+               app_kwargs: dict[str, Any] | None = None) -> Litestar:
     """The app. `extra_handlers` (e.g. the Island channel's routes) are mounted beside the
     consumer API; paths starting with one of `open_paths` skip API-key authentication (they
     authenticate themselves); WebSocket routes never go through it."""
@@ -129,7 +130,7 @@ def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), ope
                         *hosts_handlers(services), *verification_handlers(services), *extra_handlers],
         on_startup=list(on_startup),
         on_shutdown=list(on_shutdown),
-        middleware=[DefineMiddleware(AuthMiddleware, authenticator=services.authenticator),
+        middleware=[*outer_middleware, DefineMiddleware(AuthMiddleware, authenticator=services.authenticator),
                     DefineMiddleware(IdempotencyMiddleware, store=services.idempotency,
                                      ttl_ms=cfg.idempotency_ttl_s * 1000, max_body_bytes=cfg.max_body_bytes)],
         exception_handlers={Exception: exception_handler},
@@ -139,23 +140,34 @@ def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), ope
         lifespan=[services.lifespan, *extra_lifespans],  # extras are entered after the services'
         logging_config=None,
         debug=False,
+        **(app_kwargs or {}),
     )
 
 
-def create_server_app(services: ApiServices) -> Litestar:
+def create_server_app(services: ApiServices, web_env: Any = None) -> Litestar:
     """The whole server: the consumer API, the Island channel and registration (#5), the
-    operator API and /metrics (#6). `coordinator serve` and `coordinator demo` run this."""
+    operator API and /metrics (#6), the web app (#14, web/; COORDINATOR_WEB=off leaves it
+    out). `coordinator serve` and `coordinator demo` run this."""
     from admin.http import operator_router
     from coordinator import metrics
     from islandlink.channel import build_island_channel
+    from web.mount import web_parts
+    from web.settings import WebSettings
 
     channel = build_island_channel(services.coordinator, services.broker)
     metrics.install(services)
     views = island_views(channel)
     admin = operator_router(services, islands=views)
+    st = services.settings
+    web = web_parts(services, WebSettings.from_env(web_env, data_dir=st.data_dir, host=st.api.host, port=st.api.port),
+                    islands=views)
+    kwargs: dict[str, Any] = {"stores": web.stores} if web.stores else {}
+    if web.template_config is not None:
+        kwargs["template_config"] = web.template_config
     return create_app(services, extra_handlers=[*island_routes(channel, views), admin,
-                                                metrics.metrics_handler],
-                      open_paths=("/api/v1/admin", "/metrics"), extra_lifespans=[channel.lifespan])
+                                                metrics.metrics_handler, *web.handlers],
+                      open_paths=("/api/v1/admin", "/metrics"), extra_lifespans=[channel.lifespan],
+                      outer_middleware=web.middleware, app_kwargs=kwargs)
 
 
 def island_views(channel: Any) -> Any:

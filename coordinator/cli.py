@@ -83,6 +83,26 @@ def cmd_accounts_create(c, args) -> int:
     return 0
 
 
+def cmd_accounts_login_link(c, args) -> int:
+    """A one-time sign-in link for the web app (web/login_links.py, decision 0065)."""
+    from ledger.errors import UnknownAccount
+    from web.login_links import LoginLinks
+    from web.settings import WebSettings
+
+    account_id = _uuid(args.account_id)
+    ws = WebSettings.from_env(data_dir=c.settings.data_dir, host=c.settings.api.host, port=c.settings.api.port)
+    ttl = args.ttl_s if args.ttl_s is not None else ws.login_link_ttl_s
+    try:
+        token, info = LoginLinks(c.committer).issue(account_id, ttl_s=ttl, by=f"operator:{args.by}")
+    except UnknownAccount:
+        raise UsageError(f"unknown account {account_id}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    base = (args.base_url or ws.public_url).rstrip("/")
+    _print({"account_id": str(account_id), "login_link": f"{base}/login/link/{token}", "expires_in_s": ttl})
+    return 0
+
+
 def _log(c, start: int = 1, stop: int | None = None):
     from ledger.audit import LEDGER_TOPICS
     from store.factory import iter_log
@@ -485,6 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--credits", default=None, help="initial grant in credits (decimal)")
     ac.add_argument("--kyc", action="store_true", help="mark the identity verified")
     ac.set_defaults(func=cmd_accounts_create)
+    ll = acc.add_parser("login-link", help="a one-time web sign-in link for an account (short-lived, single use)")
+    ll.add_argument("account_id")
+    ll.add_argument("--ttl-s", dest="ttl_s", type=int, default=None,
+                    help="seconds the link stays valid (default COORDINATOR_WEB_LOGIN_LINK_TTL_S or 900; max 86400)")
+    ll.add_argument("--base-url", default=None, help="the web app's base URL (default COORDINATOR_PUBLIC_URL)")
+    ll.add_argument("--by", default="cli", help="who issues it (recorded in the event)")
+    ll.set_defaults(func=cmd_accounts_login_link)
 
     cr = sub.add_parser("credits", help="credit operations").add_subparsers(dest="cmd", required=True)
     add_grant_parser(cr)

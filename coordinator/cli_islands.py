@@ -112,10 +112,13 @@ def _csv(text: str | None) -> list[str] | None:
 
 def make_agent_config(args) -> Any:
     from island.agent import AgentConfig
-    from island.backends import EchoBackend, ImageBackend, OpenAIBackend
+    from island.backends import EchoBackend, FlakyEchoBackend, ImageBackend, OpenAIBackend
 
-    if args.backend == "echo":
-        backend: Any = EchoBackend(tokens_per_s=args.tokens_per_s, first_token_s=args.first_token_s,
+    if args.backend == "flaky":
+        backend: Any = FlakyEchoBackend(tokens_per_s=args.tokens_per_s, first_token_s=args.first_token_s,
+                                        reply_tokens=args.reply_tokens, slots=args.slots or 4)
+    elif args.backend == "echo":
+        backend = EchoBackend(tokens_per_s=args.tokens_per_s, first_token_s=args.first_token_s,
                                    reply_tokens=args.reply_tokens, slots=args.slots or 4)
     elif args.backend == "image":
         backend = ImageBackend(steps_per_s=args.steps_per_s, slots=args.slots or 2)
@@ -194,7 +197,7 @@ def add_island_commands(sub: Any) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--server", required=True, help="coordinator base URL, e.g. http://127.0.0.1:8000")
     r.add_argument("--token", default=None, help="the Island token (or ISLAND_TOKEN)")
-    r.add_argument("--backend", choices=("echo", "openai", "image"), default="echo")
+    r.add_argument("--backend", choices=("echo", "flaky", "openai", "image"), default="echo")
     r.add_argument("--backend-url", default=None, help="openai: the OpenAI-compatible server's base URL")
     r.add_argument("--backend-key", default=None, help="openai: API key for it (or ISLAND_BACKEND_API_KEY)")
     r.add_argument("--model", default=None, help="openai: the model name the backend knows (default: the Job's)")

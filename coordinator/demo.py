@@ -143,6 +143,9 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000) -> int:
         c.close()
         return 1
     base = f"http://{host}:{port}"
+    from web.login_links import LoginLinks
+
+    link_token, _ = LoginLinks(c.committer).issue(uuid.UUID(state["account_id"]), ttl_s=3600, by="demo")
     configs = []
     for (name, kind, caps, options), entry in zip(ISLANDS, state["islands"], strict=True):
         backend = _backend(kind, options, caps["slots"])
@@ -161,6 +164,7 @@ Archipelag coordinator demo — {settings.store.describe()}
 
   base URL : {base}/api/v1        (OpenAPI: {base}/api/v1/schema)
   API key  : {state['api_key']}
+  Web app  : {base}/login/link/{link_token}   (one-time sign-in link, 1 hour; or sign in at {base}/login with the key)
   Islands  : {', '.join(i['name'] for i in state['islands'])}
 
 Try it with the Python SDK (pip install archipelag):

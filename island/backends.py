@@ -149,6 +149,28 @@ class EchoBackend:
         pass
 
 
+@dataclass
+class FlakyEchoBackend(EchoBackend):
+    """`echo`, except that a Job whose last user message contains `fail_marker` fails the
+    first time this Island sees that message (a non-retryable backend error, so the Job
+    fails) and succeeds when it comes again: failure on demand, for Retry in tests."""
+
+    fail_marker: str = "#fail"
+    name: str = "flaky"
+    _failed: set = field(default_factory=set)
+
+    async def run(self, job: JobContext) -> dict[str, int]:
+        messages = chat_messages(job.input)
+        prompt = messages[-1]["content"] if messages else ""
+        if self.fail_marker in prompt:
+            key = hashlib.sha256(prompt.encode()).hexdigest()
+            if key not in self._failed:
+                self._failed.add(key)
+                await asyncio.sleep(self.first_token_s)
+                raise BackendError("the model crashed on this Island (flaky backend, on demand)", retryable=False)
+        return await super().run(job)
+
+
 # ------------------------------------------------------------------ image
 @dataclass
 class ImageBackend:

@@ -9,12 +9,13 @@ from projections.engine import Projection
 
 
 def all_projections() -> list[Projection]:
+    from projections.conversations import ConversationsProjection
     from projections.islands import IslandsProjection
     from projections.jobs import JobsProjection
     from projections.ledger import LedgerProjection
     from projections.market import MarketProjection
 
-    return [JobsProjection(), IslandsProjection(), LedgerProjection(), MarketProjection()]
+    return [JobsProjection(), IslandsProjection(), LedgerProjection(), MarketProjection(), ConversationsProjection()]
 
 
 def projection_names() -> list[str]:

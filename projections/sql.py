@@ -74,7 +74,9 @@ class Dialect:
         for cols in table.indexes:
             token = secrets.token_hex(4)
             base = "_".join(c.split()[0] for c in cols)
-            out.append(f"CREATE INDEX {physical}_{base}_{token} ON {physical} ({', '.join(cols)})")
+            # PostgreSQL cuts identifiers at 63 bytes: keep the token inside the name.
+            name = f"{physical}_{base}"[:63 - len(token) - 1]
+            out.append(f"CREATE INDEX {name}_{token} ON {physical} ({', '.join(cols)})")
         return out
 
 

@@ -126,7 +126,10 @@ def admit(catalog: Catalog, cargo_slug: str, raw_input: Any, raw_prefs: dict[str
             f"{k}: {', '.join(v)}" for k, v in sorted(exc.errors.items()))[:1000],
             errors=exc.errors, too_large=exc.too_large) from None
     model = getattr(validated, "model", None) or cargo.model
-    return Admitted(cargo=cargo, input=validated, input_dict=msgspec.to_builtins(validated), model=model,
+    input_dict = msgspec.to_builtins(validated)
+    if input_dict.get("conversation_id", 0) is None:  # absent: the stored input is what it was before
+        del input_dict["conversation_id"]
+    return Admitted(cargo=cargo, input=validated, input_dict=input_dict, model=model,
                     hold_micro=worst_case_micro(cargo, validated), prefs=prefs)
 
 

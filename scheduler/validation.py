@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -47,6 +48,7 @@ __all__ = [
     "worst_case_micro",
 ]
 
+CONVERSATION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_INPUT_BYTES = 256 * 1024
 """Largest accepted ``input`` object, measured as compact UTF-8 JSON."""
 MAX_MESSAGES = 128
@@ -92,6 +94,9 @@ class ChatInput(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float = DEFAULT_TEMPERATURE
     messages: list[ChatMessage] | None = None
     model: str | None = None
+    conversation_id: str | None = None
+    """Groups Jobs into one conversation (the web app's chat; projections/conversations.py).
+    Not sent to the model; dropped from the stored input when absent (decision 0066)."""
 
 
 class ImageInput(msgspec.Struct, frozen=True, kw_only=True):
@@ -366,6 +371,16 @@ def _validate_chat(cargo: Cargo, data: dict[str, Any], errors: dict[str, list[st
     if prompt is not None and not prompt.strip() and not messages_given:
         _add(errors, "input.prompt", "is required (a non-empty string) unless messages are given")
 
+    conversation_id: str | None = None
+    value = _get(data, "conversation_id")
+    if value is not MISSING:
+        text = _string(errors, "input.conversation_id", value)
+        if text is not None:
+            if CONVERSATION_ID_RE.fullmatch(text):
+                conversation_id = text
+            else:
+                _add(errors, "input.conversation_id", "must be 1-64 characters of letters, digits, '-' or '_'")
+
     return ChatInput(
         prompt=prompt or "",
         system_prompt=system_prompt,
@@ -373,6 +388,7 @@ def _validate_chat(cargo: Cargo, data: dict[str, Any], errors: dict[str, list[st
         temperature=temperature,
         messages=messages or None,
         model=model,
+        conversation_id=conversation_id,
     )
 
 

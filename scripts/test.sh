@@ -12,6 +12,19 @@ if ! bash scripts/services.sh; then
   fi
   echo "test: PostgreSQL or Redis is missing: their tests will be skipped (CI=true fails instead)" >&2
 fi
+# The web app's browser tests (tests/test_web_browser.py) drive Debian's Chromium; install it
+# when missing where we can (root + apt-get). Under CI=true the tests fail without it.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test: installing chromium and chromium-driver for the browser tests" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+      || echo "test: could not install chromium (the browser tests skip, or fail under CI=true)" >&2
+  else
+    echo "test: chromium missing and not root: the browser tests skip (CI=true fails instead)" >&2
+  fi
+fi
+export COORDINATOR_SCREENSHOTS="${COORDINATOR_SCREENSHOTS:-$ROOT/screenshots}"
+echo "test: browser screenshots go to $COORDINATOR_SCREENSHOTS" >&2
 set +e
 python -m pytest "$@"
 rc=$?

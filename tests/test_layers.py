@@ -28,10 +28,11 @@ ALLOWED: dict[str, set[str]] = {
     "islandlink": {"store", "ledger", "routing", "scheduler", "protocol", "streams", "config"},
     "api": {"store", "ledger", "routing", "scheduler", "protocol", "projections", "streams", "config"},
     "admin": {"store", "ledger", "routing", "scheduler", "projections", "streams", "config", "api"},
+    "web": {"store", "ledger", "routing", "scheduler", "projections", "streams", "config", "api"},
     "simulations": {"store", "ledger", "routing", "scheduler", "projections"},
     "island": {"protocol"},
     "coordinator": {"store", "ledger", "routing", "scheduler", "protocol", "projections", "config", "streams",
-                    "islandlink", "api", "admin", "simulations", "island"},
+                    "islandlink", "api", "admin", "simulations", "island", "web"},
 }
 PACKAGES = set(ALLOWED)
 
