@@ -442,10 +442,24 @@ def cmd_projections_run(c, args) -> int:
 
     from projections.service import run_until
 
+    from coordinator.children import die_with_parent
+    from projections.lock import EXIT_BUSY, ProjectorBusy, ProjectorLock
+
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    _print(run_until(c.app, c.settings.store, stop))
+    die_with_parent(stop.set)  # a child of `coordinator serve` ends when the server ends, however it ends
+    try:
+        lock = ProjectorLock.acquire(c.settings.store)
+    except ProjectorBusy as exc:
+        print(f"coordinator: {exc}; not starting a second one", file=sys.stderr)
+        return EXIT_BUSY
+    try:
+        if stop.is_set():
+            return 0
+        _print(run_until(c.app, c.settings.store, stop))
+    finally:
+        lock.release()
     return 0
 
 
