@@ -145,6 +145,10 @@ def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, CommitConflict):
         return ApiError(503, "contention", "too much contention on this resource; retry shortly",
                         headers={"Retry-After": str(OVERLOADED_RETRY_AFTER_S)})
+    if is_database_unavailable(exc):
+        log.warning("database_unavailable", error=repr(exc)[:300])
+        return ApiError(503, "database_unavailable", "the event store is unavailable; retry shortly",
+                        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
     if _is_redis_unavailable(exc):
         log.warning("redis_unavailable", error=repr(exc))
         return ApiError(503, "unavailable", "a backing service is unavailable; retry shortly",
@@ -171,6 +175,35 @@ def to_api_error(exc: Exception) -> ApiError:
     return ApiError(500, "internal_error", "internal server error")
 
 
+DATABASE_RETRY_AFTER_S = 2
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """The event store cannot be reached or written right now (PostgreSQL down or restarting,
+    the pool exhausted, SQLite locked by another process, disk full, read-only file): a 503
+    with Retry-After, never a 500. Checked along the exception's cause chain."""
+    import sqlite3
+
+    from eventsourcing import persistence as es
+
+    kinds: list[type[BaseException]] = [es.OperationalError, es.InterfaceError, es.ConnectionUnavailableError,
+                                        es.ConnectionPoolClosedError, sqlite3.OperationalError]
+    try:
+        import psycopg
+
+        kinds += [psycopg.OperationalError, psycopg.InterfaceError]
+    except ImportError:  # pragma: no cover
+        pass
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, tuple(kinds)):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
 def _is_redis_unavailable(exc: Exception) -> bool:
     try:
         from redis.exceptions import ConnectionError as RedisConnectionError
@@ -190,6 +223,16 @@ def _litestar_field_errors(exc: ValidationException) -> dict[str, list[str]]:
         if key == "data":
             key = "body"
         message = str(item.get("message") or "invalid").replace("`", "")
+        if key == "body":  # msgspec names the field in its message: "... - at $.messages[0].role"
+            head, sep, path = message.rpartition(" - at $")
+            if sep and path.startswith((".", "[")):
+                key, message = path.lstrip(".")[:200] or "body", head
+                if head.startswith(("Object missing required field ", "Object contains unknown field ")):
+                    key = f"{key}.{head.rsplit(' ', 1)[-1]}"[:200]
+            elif message.startswith("Object missing required field "):
+                key = message.rsplit(" ", 1)[-1][:200]
+            elif message.startswith("Object contains unknown field "):
+                key = message.rsplit(" ", 1)[-1][:200]
         errors.setdefault(key, []).append(message)
     if not errors:
         errors["body"] = [str(exc.detail)]

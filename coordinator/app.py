@@ -30,6 +30,7 @@ from api.errors import exception_handler
 from api.idempotency import IdempotencyMiddleware, IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
 from api.keys import KeyStore
 from api.openai_compat import openai_handlers
+from api.openapi import OPENAPI_PLUGINS
 from api.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from config.settings import Settings
 from api.services import ApiServices, ProjectionJobLister, _PositionTracker
@@ -133,6 +134,7 @@ def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), ope
         openapi_config=OpenAPIConfig(title="Archipelag coordinator", version="1.0.0", path="/api/v1/schema",
                                      description="Consumer API (api-contract.md) and OpenAI-compatible chat."),
         lifespan=[services.lifespan, *extra_lifespans],  # extras are entered after the services'
+        plugins=list(OPENAPI_PLUGINS),  # credits are numbers in the document as on the wire (api/openapi.py)
         logging_config=None,
         debug=False,
     )
