@@ -190,11 +190,38 @@ class Projector:
         self._thread.join(5)
 
 
+def redis_where(url: str) -> str:
+    """host:port/db of a Redis URL, never its password."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    return f"{u.scheme}://{u.hostname or ''}:{u.port or 6379}{u.path or ''}"
+
+
+def redis_unreachable(url: str, timeout_s: float = 3.0) -> str | None:
+    """None if Redis answers PING within `timeout_s`, else why not (one line)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        client.ping()
+        return None
+    except Exception as exc:  # noqa: BLE001 - operator-facing, one line
+        return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    finally:
+        client.close()
+
+
 def serve(c: Coordinator, settings: Settings, host: str | None = None, port: int | None = None) -> int:
     """Run until SIGTERM / Ctrl-C. The caller closes `c` afterwards (committer, store)."""
     from coordinator.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
+    if settings.redis_url:  # the broker, limiter and sessions live there: refuse to start without it
+        why = redis_unreachable(settings.redis_url)
+        if why is not None:
+            print(f"coordinator: cannot reach Redis at {redis_where(settings.redis_url)}: {why}", file=sys.stderr)
+            return 1
     services = build_services(settings, coordinator=c)
     tune_gc()
     server = make_server(services, host or settings.api.host, settings.api.port if port is None else port)
