@@ -31,6 +31,7 @@ from api.idempotency import IdempotencyMiddleware, IdempotencyStore, MemoryIdemp
 from api.keys import KeyStore
 from api.openai_compat import openai_handlers
 from api.openapi import OPENAPI_PLUGINS
+from api.store_gate import StoreGate, probe_for
 from api.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from config.settings import Settings
 from api.services import ApiServices, ProjectionJobLister, _PositionTracker
@@ -68,7 +69,7 @@ def build_services(settings: Settings, *, coordinator: Coordinator | None = None
     c.committer.add_listener(positions)
     services = ApiServices(coordinator=c, settings=settings, broker=broker, keys=keys, limiter=limiter,
                            authenticator=authenticator, idempotency=idem, batches=batches, listener=c.listeners,
-                           fresh_reads=fresh, redis=redis)
+                           fresh_reads=fresh, redis=redis, store_probe=probe_for(settings.store))
     if with_projections:
         services.projections = _open_projections(c, api.projections)
         if services.projections is not None:
@@ -126,7 +127,8 @@ def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), ope
         route_handlers=[consumer_router(services), *openai_handlers(services), *extra_handlers],
         on_startup=list(on_startup),
         on_shutdown=list(on_shutdown),
-        middleware=[DefineMiddleware(AuthMiddleware, authenticator=services.authenticator),
+        middleware=[DefineMiddleware(StoreGate, probe=services.store_probe),
+                    DefineMiddleware(AuthMiddleware, authenticator=services.authenticator),
                     DefineMiddleware(IdempotencyMiddleware, store=services.idempotency,
                                      ttl_ms=cfg.idempotency_ttl_s * 1000, max_body_bytes=cfg.max_body_bytes)],
         exception_handlers={Exception: exception_handler},

@@ -104,11 +104,14 @@ class ThrowawayPostgres:
         bindir = _pg_bin()
         if bindir is None:
             pytest.skip("no PostgreSQL binaries under /usr/lib/postgresql")
+        import tempfile
+
         self.bin = bindir
-        self.base = base
+        self.as_user = os.geteuid() == 0
+        # pytest's tmp dirs are private to root; the cluster lives in a directory of its own under /tmp
+        self.base = base = Path(tempfile.mkdtemp(prefix="coord-pg-")) if self.as_user else base
         self.data = base / "pgdata"
         self.port = free_port()
-        self.as_user = os.geteuid() == 0
         base.mkdir(parents=True, exist_ok=True)
         if self.as_user:
             shutil.chown(base, "postgres")
@@ -139,6 +142,7 @@ class ThrowawayPostgres:
                 self.stop()
             except AssertionError:
                 pass
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ a throwaway Redis

@@ -254,3 +254,74 @@ def test_sqlite_locked_by_another_process_is_a_clear_error_and_the_store_survive
         server.signal(signal.SIGTERM)
         assert server.wait(30) == 0
     books_clean(env)
+
+
+# ------------------------------------------------------------------ PostgreSQL restarted mid-run
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.slow
+def test_postgres_restarted_mid_run_503_with_retry_after_then_recovers(tmp_path):
+    import uuid
+
+    from tests.api_harness import redis_cleanup
+    from tests.conftest import REDIS_URL, require_redis
+
+    require_redis()
+    pg = ThrowawayPostgres(tmp_path / "pg")
+    pg.start()
+    prefix = f"t{uuid.uuid4().hex[:10]}:"
+    env = make_backend("embedded", tmp_path).env(**FAST, COORDINATOR_DATABASE_URL=pg.url,
+                                                 COORDINATOR_DB_SCHEMA="matrix", COORDINATOR_REDIS_URL=REDIS_URL,
+                                                 COORDINATOR_REDIS_PREFIX=prefix)
+    island = None
+    try:
+        made, isl = setup_world(env)
+        server = ServerProcess(env)
+        url, key = server.url, made["api_key"]
+        island = agent(env, url, isl["token"])
+        start = spendable(url, key)
+        load = Load(lambda: url, key, workers=4).start()
+        try:
+            until(lambda: len(load.admitted) >= 10, 60)
+            pg.stop("immediate")
+            down_at = time.monotonic()
+            during: dict[int, int] = {}
+            first_503_s = None
+            while time.monotonic() - down_at < 5.0:  # fresh requests while it is down
+                try:
+                    r = httpx.post(url + "/api/v1/jobs", headers={"Authorization": f"Bearer {key}"}, timeout=3,
+                                   json={"workload": "llm-chat", "input": {"prompt": "while down"}})
+                    during[r.status_code] = during.get(r.status_code, 0) + 1
+                    if r.status_code == 503:
+                        assert r.headers.get("retry-after"), r.headers
+                        first_503_s = first_503_s or time.monotonic() - down_at
+                    assert r.status_code in (201, 503), (r.status_code, r.text)
+                    if r.status_code == 201:
+                        load.admitted.append(r.json()["data"]["id"])
+                except httpx.TimeoutException:
+                    during[0] = during.get(0, 0) + 1
+                time.sleep(0.2)
+            pg.start()
+            up_at = time.monotonic()
+            n = len(load.admitted)
+            until(lambda: len(load.admitted) >= n + 5, 60)  # admissions resume by themselves
+            recovered_s = time.monotonic() - up_at
+        finally:
+            load.stop()
+        assert not load.bad, load.bad[:5]
+        assert during.get(503, 0) > 0, during  # the outage was seen, as 503 + Retry-After
+        statuses = wait_settled(url, key, load.admitted, 90)
+        stuck = {j: s for j, s in statuses.items() if s not in TERMINAL}
+        assert not stuck, stuck  # nothing admitted was lost
+        conserved(url, key, start)
+        print(f"pg_restart down_s={up_at - down_at:.1f} first_503_s={first_503_s} recovered_s={recovered_s:.2f} "
+              f"during={during} "
+              f"admitted={len(load.admitted)} errors={dict(load.errors)} outcomes={_count(statuses)}")
+        server.signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        books_clean(env)
+    finally:
+        if island is not None:
+            stop(island)
+        pg.close()
+        redis_cleanup(prefix)
