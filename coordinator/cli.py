@@ -541,6 +541,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _store_hint(settings: Settings) -> str:
+    """Why an embedded store could not be opened, when the file system can say (read-only,
+    not writable, full)."""
+    import errno
+    import os
+
+    if settings.store.is_postgres:
+        return ""
+    d = settings.store.data_dir
+    probe = d if d.exists() else d.parent
+    try:
+        st = os.statvfs(probe)
+        if st.f_flag & os.ST_RDONLY:
+            return f" (the data directory {d} is on a read-only file system)"
+        if st.f_bavail == 0:
+            return f" (the file system of {d} is full)"
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return f" (the data directory {d} does not exist and cannot be created)"
+    if not os.access(probe, os.W_OK):
+        return f" (the data directory {d} is not writable)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     if raw[:1] == ["simulate"]:  # the simulator parses its own arguments and opens no event store
@@ -566,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         c = build(settings)
     except Exception as exc:  # noqa: BLE001 - operator-facing
-        print(f"coordinator: cannot open the event store ({settings.store.describe()}): {exc}", file=sys.stderr)
+        print(f"coordinator: cannot open the event store ({settings.store.describe()}): {exc}{_store_hint(settings)}",
+              file=sys.stderr)
         return EXIT_FAILED
     try:
         return args.func(c, args)

@@ -325,3 +325,167 @@ def test_postgres_restarted_mid_run_503_with_retry_after_then_recovers(tmp_path)
             stop(island)
         pg.close()
         redis_cleanup(prefix)
+
+
+# ------------------------------------------------------------------ Redis restarted mid-run
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_redis_restarted_mid_run_503_with_retry_after_then_recovers(tmp_path):
+    """Redis (the broker, the rate limiter, idempotency, the Island bus) goes away for a few
+    seconds: requests answer 503 with Retry-After (never 500), admissions resume by themselves
+    when it is back, and every admitted Job settles."""
+    from tests.conftest import drop_schema, make_store
+
+    store = make_store("postgres", tmp_path)
+    rd = ThrowawayRedis(tmp_path / "redis")
+    rd.start()
+    from tests.conftest import env_for
+
+    env = env_for(store, **{**FAST, "COORDINATOR_QUEUE_TIMEOUT_S": "20"}, COORDINATOR_REDIS_URL=rd.url,
+                  COORDINATOR_REDIS_PREFIX="m:", COORDINATOR_LOG_LEVEL="warning")
+    island = None
+    try:
+        made, isl = setup_world(env)
+        server = ServerProcess(env)
+        url, key = server.url, made["api_key"]
+        island = agent(env, url, isl["token"])
+        start = spendable(url, key)
+        load = Load(lambda: url, key, workers=4).start()
+        try:
+            until(lambda: len(load.admitted) >= 10, 60)
+            rd.stop()
+            down_at = time.monotonic()
+            during: dict[int, int] = {}
+            while time.monotonic() - down_at < 4.0:
+                try:
+                    r = httpx.get(url + "/api/v1/account", headers={"Authorization": f"Bearer {key}"}, timeout=3)
+                    during[r.status_code] = during.get(r.status_code, 0) + 1
+                    assert r.status_code in (200, 503), (r.status_code, r.text)
+                    if r.status_code == 503:
+                        assert r.headers.get("retry-after")
+                except httpx.TimeoutException:
+                    during[0] = during.get(0, 0) + 1
+                time.sleep(0.2)
+            rd.start()
+            up_at = time.monotonic()
+            n = len(load.admitted)
+            until(lambda: len(load.admitted) >= n + 5, 60)
+            recovered_s = time.monotonic() - up_at
+        finally:
+            load.stop()
+        assert not load.bad, load.bad[:5]
+        assert during.get(503, 0) > 0, during
+        statuses = wait_settled(url, key, load.admitted, 90)
+        stuck = {j: s for j, s in statuses.items() if s not in TERMINAL}
+        assert not stuck, stuck
+        conserved(url, key, start)
+        print(f"redis_restart recovered_s={recovered_s:.2f} during={during} admitted={len(load.admitted)} "
+              f"errors={dict(load.errors)} outcomes={_count(statuses)}")
+        server.signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        books_clean(env)
+    finally:
+        if island is not None:
+            stop(island)
+        rd.close()
+        drop_schema(store.schema)
+
+
+# ------------------------------------------------------------------ SQLite: disk full, read-only
+class Tmpfs:
+    """A size-limited tmpfs (root only): the embedded store's data directory."""
+
+    def __init__(self, path, size_kb: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip()}): disk-full case not run")
+
+    def remount(self, opts: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{opts}", str(self.path)], check=True)
+
+    def fill(self) -> None:
+        """Fill every free byte (a file of zeros until ENOSPC)."""
+        with open(self.path / "ballast", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+
+    def unfill(self) -> None:
+        (self.path / "ballast").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    fs = Tmpfs(tmp_path / "small", 8 * 1024)
+    yield fs
+    fs.close()
+
+
+@pytest.mark.slow
+def test_sqlite_disk_full_is_a_clear_error_and_the_store_survives(tmpfs, tmp_path):
+    from tests.conftest import env_for
+    from store.factory import StoreConfig
+
+    env = env_for(StoreConfig(database_url=None, data_dir=tmpfs.path / "data"),
+                  **{**FAST, "COORDINATOR_PROJECTIONS": "thread"})
+    made, _ = setup_world(env)
+    server = ServerProcess(env)
+    key = made["api_key"]
+    try:
+        with httpx.Client(base_url=server.url + "/api/v1", timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as cl:
+            ok = [cl.post("/jobs", json={"workload": "llm-chat", "input": {"prompt": f"a{i}"}}) for i in range(5)]
+            assert all(r.status_code == 201 for r in ok)
+            tmpfs.fill()
+            full = [cl.post("/jobs", json={"workload": "llm-chat", "input": {"prompt": "x" * 20_000}})
+                    for _ in range(20)]
+            codes = sorted({r.status_code for r in full})
+            assert all(c in (201, 503) for c in codes), [(r.status_code, r.text[:200]) for r in full]
+            refused = [r for r in full if r.status_code == 503]
+            assert refused, "the disk never filled"
+            assert all(r.headers.get("retry-after") and r.json()["error"]["code"] == "database_unavailable"
+                       for r in refused)
+            tmpfs.unfill()
+            after = until(lambda: (x := cl.post("/jobs", json={"workload": "llm-chat", "input": {"prompt": "b"}}))
+                          .status_code == 201 and x, 30)
+            assert after
+            print(f"disk_full codes={codes} refused={len(refused)}")
+    finally:
+        server.signal(signal.SIGTERM)
+        code = server.wait(30)
+    assert code == 0, "".join(server.lines)[-2000:]
+    books_clean(env)
+    out = cli(env, "projections", "verify", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_sqlite_read_only_store_is_a_clear_refusal_and_stays_intact(tmpfs):
+    from tests.conftest import env_for
+    from store.factory import StoreConfig
+
+    env = env_for(StoreConfig(database_url=None, data_dir=tmpfs.path / "data"),
+                  **{**FAST, "COORDINATOR_PROJECTIONS": "thread"})
+    made, _ = setup_world(env)
+    before = books_clean(env)
+    tmpfs.remount("ro")
+    try:
+        out = _serve_once(env, timeout_s=60)
+        assert out.returncode != 0
+        assert "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert "read-only" in out.stderr or "readonly" in out.stderr, out.stderr[-1000:]
+        print(f"read_only exit={out.returncode} msg={out.stderr.strip().splitlines()[-1][:200]}")
+    finally:
+        tmpfs.remount("rw")
+    after = books_clean(env)
+    assert after["heads_digest"] == before["heads_digest"]
