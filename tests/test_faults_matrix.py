@@ -489,3 +489,75 @@ def test_sqlite_read_only_store_is_a_clear_refusal_and_stays_intact(tmpfs):
         tmpfs.remount("rw")
     after = books_clean(env)
     assert after["heads_digest"] == before["heads_digest"]
+
+
+# ------------------------------------------------------------------ 100 Islands killed at once
+N_SWARM = 100
+
+
+@pytest.mark.slow
+def test_kill9_of_100_islands_at_once(backend, tmp_path):
+    env = backend.env(**FAST, COORDINATOR_AUTO_APPROVE_ISLANDS="true")
+    made, _ = setup_world(env)
+    server = ServerProcess(env)
+    url, key = server.url, made["api_key"]
+    h = {"Authorization": f"Bearer {key}"}
+    start = spendable(url, key)
+    with httpx.Client(base_url=url + "/api/v1", timeout=30, headers=h) as cl:
+        tokens = [cl.post("/islands", json={"name": f"swarm-{i}"}).json()["token"] for i in range(N_SWARM)]
+    (tmp_path / "tokens").write_text("\n".join(tokens))
+    swarm = subprocess.Popen([sys.executable, "-m", "tests.island_swarm", url, str(tmp_path / "tokens")], env=env,
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    rescuer = None
+    try:
+        assert swarm.stdout.readline().startswith(f"ready {N_SWARM}")
+
+        def online() -> int:
+            return sum(1 for i in httpx.get(url + "/api/v1/islands", headers=h, timeout=30).json()["data"]
+                       if i["online"])
+
+        until(lambda: online() == N_SWARM, 60)
+        with httpx.Client(base_url=url + "/api/v1", timeout=30, headers=h) as cl:
+            jobs = [cl.post("/jobs", json={"workload": "llm-chat-lite", "input": {"prompt": f"s{i}",
+                                                                                 "max_tokens": 64}}).json()["data"]["id"]
+                    for i in range(N_SWARM)]
+
+        def running() -> int:
+            from tests.fault_load import job_statuses
+
+            return sum(1 for s in job_statuses(url, key, jobs).values() if s == "running")
+
+        until(lambda: running() >= N_SWARM * 0.8, 60)
+        swarm.kill()  # every socket drops at once
+        swarm.wait(10)
+        killed_at = time.monotonic()
+        until(lambda: online() == 0, 60)
+        offline_s = time.monotonic() - killed_at
+
+        def released() -> bool:
+            from tests.fault_load import job_statuses
+
+            return all(s in TERMINAL or s == "queued" for s in job_statuses(url, key, jobs).values())
+
+        until(released, 60)
+        released_s = time.monotonic() - killed_at
+        from tests.fault_load import job_statuses
+
+        after_kill = _count(job_statuses(url, key, jobs))
+        isl = cli_json(env, "islands", "create", "--owner", made["account_id"], "--name", "rescuer", "--approve")
+        rescuer = agent(env, url, isl["token"], "--slots", "16", "--tokens-per-s", "500")
+        statuses = wait_settled(url, key, jobs, 120)
+        assert all(s in TERMINAL for s in statuses.values()), _count(statuses)
+        conserved(url, key, start)
+        lease_s = int(FAST["COORDINATOR_LEASE_S"])
+        assert released_s < lease_s + 10, released_s
+        print(f"swarm_kill offline_s={offline_s:.2f} released_s={released_s:.2f} after_kill={after_kill} "
+              f"final={_count(statuses)}")
+    finally:
+        if swarm.poll() is None:
+            swarm.kill()
+        if rescuer is not None:
+            stop(rescuer)
+        server.signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    books_clean(env)
