@@ -522,12 +522,18 @@ def test_kill9_of_100_islands_at_once(backend, tmp_path):
                                                                                  "max_tokens": 64}}).json()["data"]["id"]
                     for i in range(N_SWARM)]
 
+        seen: list[dict] = []
+
         def running() -> int:
             from tests.fault_load import job_statuses
 
-            return sum(1 for s in job_statuses(url, key, jobs).values() if s == "running")
+            seen.append(_count(job_statuses(url, key, jobs)))
+            return seen[-1].get("running", 0)
 
-        until(lambda: running() >= N_SWARM * 0.8, 60)
+        try:
+            until(lambda: running() >= N_SWARM * 0.8, 60, 0.5)
+        except AssertionError:
+            raise AssertionError(f"jobs never ran on the swarm: {seen[-3:]}") from None
         swarm.kill()  # every socket drops at once
         swarm.wait(10)
         killed_at = time.monotonic()
@@ -561,3 +567,63 @@ def test_kill9_of_100_islands_at_once(backend, tmp_path):
         server.signal(signal.SIGTERM)
         assert server.wait(30) == 0
     books_clean(env)
+
+
+# ------------------------------------------------------------------ two processes, the leader killed
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.slow
+def test_kill9_of_the_dispatch_leader_under_load_the_other_takes_over(tmp_path):
+    from collections import defaultdict
+
+    from scheduler.jobs import Job
+    from store.factory import iter_log, open_app
+
+    backend = make_backend("pg_redis", tmp_path)
+    env = backend.env(**FAST)
+    try:
+        made, isl = setup_world(env)
+        a = ServerProcess(env)
+        until(lambda: any('"dispatch_leader_acquired"' in line for line in a.lines), 30)
+        b = ServerProcess(env)
+        assert not any('"dispatch_leader_acquired"' in line for line in b.lines)
+        url, key = b.url, made["api_key"]
+        island = agent(env, url, isl["token"], "--tokens-per-s", "200")
+        start = spendable(url, key)
+        load = Load(lambda: url, key, workers=4).start()
+        try:
+            until(lambda: len(load.admitted) >= 15, 60)
+            os.kill(a.proc.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            until(lambda: any('"dispatch_leader_acquired"' in line for line in b.lines), 30, 0.01)
+            takeover_s = time.monotonic() - killed_at
+            n = len(load.admitted)
+            until(lambda: len(load.admitted) >= n + 15, 60)
+        finally:
+            load.stop()
+        statuses = wait_settled(url, key, load.admitted, 90)
+        assert all(s in TERMINAL for s in statuses.values()), _count(statuses)
+        assert not load.bad, load.bad[:5]
+        conserved(url, key, start)
+        stop(island)
+        b.signal(signal.SIGTERM)
+        assert b.wait(30) == 0
+        a.wait(5)
+        app = open_app(backend.store)
+        events: dict[str, list] = defaultdict(list)
+        for _, ev in iter_log(app):
+            if isinstance(ev, Job.Event):
+                events[str(ev.originator_id)].append(ev)
+        for job_id in load.admitted:
+            holder = None
+            for ev in events[job_id]:
+                if isinstance(ev, Job.Assigned):
+                    assert holder is None, f"job {job_id} dispatched to {ev.island_id} while {holder} holds it"
+                    holder = ev.island_id
+                elif isinstance(ev, (Job.OfferDeclined, Job.Requeued)):
+                    holder = None
+            assert sum(isinstance(ev, Job.Completed) for ev in events[job_id]) <= 1
+        print(f"leader_kill takeover_s={takeover_s:.2f} admitted={len(load.admitted)} outcomes={_count(statuses)}")
+        books_clean(env)
+    finally:
+        backend.cleanup()
