@@ -31,7 +31,7 @@ OVERLOADED_RETRY_AFTER_S = 1
 
 _CODES = {400: "bad_request", 401: "unauthorized", 402: "payment_required", 403: "forbidden", 404: "not_found",
           405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-          422: "validation_failed", 429: "rate_limited", 500: "internal_error", 503: "unavailable"}
+          422: "validation_failed", 429: "rate_limited", 431: "headers_too_large", 500: "internal_error", 503: "unavailable"}
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
                  403: "permission_error", 404: "invalid_request_error", 409: "invalid_request_error",
@@ -213,6 +213,35 @@ def _is_redis_unavailable(exc: Exception) -> bool:
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError))
 
 
+def field_of(message: str) -> tuple[str, str]:
+    """msgspec names the field in its message ("Expected int, got str - at $.messages[0].role"):
+    (field path, message without the path); ("body", message) when it names none."""
+    message = message.replace("`", "")
+    head, sep, path = message.rpartition(" - at $")
+    key = "body"
+    if sep and path.startswith((".", "[")):
+        key, message = path.lstrip(".")[:200] or "body", head
+        if head.startswith(("Object missing required field ", "Object contains unknown field ")):
+            key = f"{key}.{head.rsplit(' ', 1)[-1]}"[:200]
+    elif message.startswith(("Object missing required field ", "Object contains unknown field ")):
+        key = message.rsplit(" ", 1)[-1][:200]
+    return key, message
+
+
+def strict_decode(raw: bytes, typ: type) -> None:
+    """Decode the body again without lax type coercion (Litestar converts with strict=False:
+    "10" would pass as 10): a wrongly typed value is a 422 naming its field."""
+    import msgspec
+
+    try:
+        msgspec.json.decode(raw, type=typ)
+    except msgspec.ValidationError as exc:
+        key, message = field_of(str(exc))
+        raise validation_failed({key: [message]}) from None
+    except msgspec.DecodeError:
+        pass  # Litestar already refused malformed JSON before the handler ran
+
+
 def _litestar_field_errors(exc: ValidationException) -> dict[str, list[str]]:
     errors: dict[str, list[str]] = {}
     extra = exc.extra if isinstance(exc.extra, list) else []
@@ -223,16 +252,8 @@ def _litestar_field_errors(exc: ValidationException) -> dict[str, list[str]]:
         if key == "data":
             key = "body"
         message = str(item.get("message") or "invalid").replace("`", "")
-        if key == "body":  # msgspec names the field in its message: "... - at $.messages[0].role"
-            head, sep, path = message.rpartition(" - at $")
-            if sep and path.startswith((".", "[")):
-                key, message = path.lstrip(".")[:200] or "body", head
-                if head.startswith(("Object missing required field ", "Object contains unknown field ")):
-                    key = f"{key}.{head.rsplit(' ', 1)[-1]}"[:200]
-            elif message.startswith("Object missing required field "):
-                key = message.rsplit(" ", 1)[-1][:200]
-            elif message.startswith("Object contains unknown field "):
-                key = message.rsplit(" ", 1)[-1][:200]
+        if key == "body":
+            key, message = field_of(message)
         errors.setdefault(key, []).append(message)
     if not errors:
         errors["body"] = [str(exc.detail)]

@@ -25,7 +25,7 @@ from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
 from streams import frames as br
-from api.errors import ApiError, validation_failed
+from api.errors import ApiError, strict_decode, validation_failed
 from api.schemas import (
     ChatChoice,
     ChatCompletion,
@@ -217,6 +217,7 @@ def openai_handlers(services: ApiServices) -> list[Any]:
           summary="OpenAI-compatible chat completion")
     async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest]) -> Response[ChatCompletion]:
         account_id = request.user.account_id
+        strict_decode(await request.body(), ChatCompletionRequest)
         cargo, model = resolve_model(current()["cargos"], data.model)
         payload = chat_input(data, model)
         wait_s = wait_bound_s(request, services.settings.api.chat_wait_s)

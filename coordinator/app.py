@@ -31,6 +31,7 @@ from api.idempotency import IdempotencyMiddleware, IdempotencyStore, MemoryIdemp
 from api.keys import KeyStore
 from api.openai_compat import openai_handlers
 from api.openapi import OPENAPI_PLUGINS
+from api.limits import HeaderLimit
 from api.store_gate import StoreGate, probe_for
 from api.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from config.settings import Settings
@@ -127,7 +128,7 @@ def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), ope
         route_handlers=[consumer_router(services), *openai_handlers(services), *extra_handlers],
         on_startup=list(on_startup),
         on_shutdown=list(on_shutdown),
-        middleware=[DefineMiddleware(StoreGate, probe=services.store_probe),
+        middleware=[HeaderLimit, DefineMiddleware(StoreGate, probe=services.store_probe),
                     DefineMiddleware(AuthMiddleware, authenticator=services.authenticator),
                     DefineMiddleware(IdempotencyMiddleware, store=services.idempotency,
                                      ttl_ms=cfg.idempotency_ttl_s * 1000, max_body_bytes=cfg.max_body_bytes)],
