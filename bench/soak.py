@@ -146,11 +146,20 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
     ap.add_argument("--rate", type=float, default=30.0, help="operations per second (open loop)")
     ap.add_argument("--window-s", type=float, default=60.0, help="first/last window compared")
-    ap.add_argument("--warmup-s", type=float, default=30.0, help="memory is measured from the end of the warm-up")
+    ap.add_argument("--warmup-s", type=float, default=60.0, help="memory is measured from the end of the warm-up")
+    ap.add_argument("--cache-aggregates", type=int, default=1_000,
+                    help="COORDINATOR_COMMIT_CACHE_AGGREGATES (default 200000 in production)")
+    ap.add_argument("--stream-retention-s", type=int, default=30,
+                    help="COORDINATOR_STREAM_RETENTION_S (default 3600 in production)")
     args = ap.parse_args(argv)
     schema = f"soak_{uuid.uuid4().hex[:8]}"
     data_dir = Path(tempfile.mkdtemp(prefix="soak-"))
-    env = coordinator_env(data_dir, args.store == "postgres", schema, COORDINATOR_PROJECTIONS="process")
+    # The server's caches are bounded (aggregates, finished streams, idempotency answers) but large by
+    # default; small bounds let them reach their steady size during the warm-up, so what grows after
+    # it is a leak, not a cache filling up.
+    env = coordinator_env(data_dir, args.store == "postgres", schema, COORDINATOR_PROJECTIONS="process",
+                          COORDINATOR_COMMIT_CACHE_AGGREGATES=str(args.cache_aggregates),
+                          COORDINATOR_STREAM_RETENTION_S=str(args.stream_retention_s))
     keys = make_accounts(env, 4)
     owner = cli_json(env, "accounts", "create", "--email", "soak-owner@example.com", "--kyc")
     isl = cli_json(env, "islands", "create", "--owner", owner["account_id"], "--name", "soak", "--approve")
@@ -171,18 +180,19 @@ def main(argv: list[str]) -> dict:
         start = time.monotonic()
         stop_at = start + args.seconds
 
-        def memory() -> int:
-            return rss_kb(proc.pid) + sum(rss_kb(c) for c in children(proc.pid) if c != (agent.pid if agent else 0))
+        def memory() -> dict[str, int]:
+            kids = [c for c in children(proc.pid) if c != (agent.pid if agent else 0)]
+            return {"server": rss_kb(proc.pid), "projector": sum(rss_kb(c) for c in kids)}
 
         async def monitor() -> None:
             warm = min(args.warmup_s, args.seconds / 5)
             await asyncio.sleep(warm)
-            rss["start_kb"] = memory()
+            rss["start"] = memory()
             while time.monotonic() < stop_at:
                 st = await asyncio.to_thread(cli_json, env, "projections", "status")
                 lag.append((time.monotonic() - start, max(p["behind"] for p in st["projections"])))
                 await asyncio.sleep(min(30.0, max(5.0, args.seconds / 20)))
-            rss["end_kb"] = memory()
+            rss["end"] = memory()
 
         async def both() -> None:
             await asyncio.gather(run_load(url, keys, args.seconds, args.rate, args.window_s, samples, stop_at),
@@ -208,7 +218,9 @@ def main(argv: list[str]) -> dict:
     span = min(elapsed, args.seconds)  # operations are stamped by start; none start after `--seconds`
     w = min(args.window_s, span / 4)
     first, last = window(samples, 0, w), window(samples, span - w, span)
-    growth = (rss.get("end_kb", 0) - rss.get("start_kb", 0)) / max(1, rss.get("start_kb", 1)) * 100
+    start_kb = sum(rss.get("start", {}).values())
+    end_kb = sum(rss.get("end", {}).values())
+    growth = (end_kb - start_kb) / max(1, start_kb) * 100
     ok_statuses = {200, 201}
     result = {
         "bench": "soak", "store": args.store, "seconds": round(elapsed, 1), "rate_target": args.rate,
@@ -222,7 +234,9 @@ def main(argv: list[str]) -> dict:
         if first["ops_per_s"] else None,
         "projection_lag_events": {"samples": len(lag), "max": max((b for _, b in lag), default=0),
                                   "last": lag[-1][1] if lag else None},
-        "rss_kb": rss, "rss_growth_pct": round(growth, 2), "rss_growth_ok": growth < 10.0,
+        "rss_kb": {"start": start_kb, "end": end_kb, **rss}, "rss_growth_pct": round(growth, 2),
+        "rss_growth_ok": growth < 10.0, "cache_aggregates": args.cache_aggregates,
+        "stream_retention_s": args.stream_retention_s,
     }
     print(f"soak {args.store} {elapsed:.0f}s: {result['ops_per_s']} ops/s, errors {result['errors']}, "
           f"p99 last/first {result['p99_ratio_last_over_first']}, rss {rss} ({growth:+.1f}%)")

@@ -627,3 +627,35 @@ def test_kill9_of_the_dispatch_leader_under_load_the_other_takes_over(tmp_path):
         books_clean(env)
     finally:
         backend.cleanup()
+
+
+# ------------------------------------------------------------------ one Island killed mid-stream
+def test_kill9_of_one_island_mid_stream(backend):
+    env = backend.env(**FAST)
+    made, isl = setup_world(env)
+    server = ServerProcess(env)
+    url, key = server.url, made["api_key"]
+    h = {"Authorization": f"Bearer {key}"}
+    island = agent(env, url, isl["token"], "--tokens-per-s", "3", "--first-token-s", "0", "--reply-tokens", "40")
+    try:
+        until(lambda: (d := httpx.get(url + "/api/v1/islands", headers=h).json()["data"]) and d[0]["online"], 30)
+        start = spendable(url, key)
+        with httpx.Client(base_url=url + "/api/v1", timeout=30, headers=h) as cl:
+            jid = cl.post("/jobs", json={"workload": "llm-chat", "input": {"prompt": "die"}}).json()["data"]["id"]
+            with cl.stream("GET", f"/jobs/{jid}/stream") as s:
+                for line in s.iter_lines():
+                    if '"type":"token"' in line:
+                        break
+            island.kill()  # mid-stream
+            killed_at = time.monotonic()
+            statuses = wait_settled(url, key, [jid], 30)
+            settled_s = time.monotonic() - killed_at
+            assert statuses[jid] == "failed", statuses
+            assert "mid-stream" in cl.get(f"/jobs/{jid}").json()["data"]["error"]
+        conserved(url, key, start)  # nothing charged, nothing held
+        print(f"island_kill_mid_stream settled_s={settled_s:.2f}")
+    finally:
+        stop(island)
+        server.signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    books_clean(env)
