@@ -149,6 +149,8 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--warmup-s", type=float, default=60.0, help="memory is measured from the end of the warm-up")
     ap.add_argument("--cache-aggregates", type=int, default=1_000,
                     help="COORDINATOR_COMMIT_CACHE_AGGREGATES (default 200000 in production)")
+    ap.add_argument("--projection-cache-rows", type=int, default=1_000,
+                    help="COORDINATOR_PROJECTION_CACHE_ROWS (default 100000 in production)")
     ap.add_argument("--stream-retention-s", type=int, default=30,
                     help="COORDINATOR_STREAM_RETENTION_S (default 3600 in production)")
     args = ap.parse_args(argv)
@@ -159,7 +161,8 @@ def main(argv: list[str]) -> dict:
     # it is a leak, not a cache filling up.
     env = coordinator_env(data_dir, args.store == "postgres", schema, COORDINATOR_PROJECTIONS="process",
                           COORDINATOR_COMMIT_CACHE_AGGREGATES=str(args.cache_aggregates),
-                          COORDINATOR_STREAM_RETENTION_S=str(args.stream_retention_s))
+                          COORDINATOR_STREAM_RETENTION_S=str(args.stream_retention_s),
+                          COORDINATOR_PROJECTION_CACHE_ROWS=str(args.projection_cache_rows))
     keys = make_accounts(env, 4)
     owner = cli_json(env, "accounts", "create", "--email", "soak-owner@example.com", "--kyc")
     isl = cli_json(env, "islands", "create", "--owner", owner["account_id"], "--name", "soak", "--approve")
@@ -236,7 +239,7 @@ def main(argv: list[str]) -> dict:
                                   "last": lag[-1][1] if lag else None},
         "rss_kb": {"start": start_kb, "end": end_kb, **rss}, "rss_growth_pct": round(growth, 2),
         "rss_growth_ok": growth < 10.0, "cache_aggregates": args.cache_aggregates,
-        "stream_retention_s": args.stream_retention_s,
+        "stream_retention_s": args.stream_retention_s, "projection_cache_rows": args.projection_cache_rows,
     }
     print(f"soak {args.store} {elapsed:.0f}s: {result['ops_per_s']} ops/s, errors {result['errors']}, "
           f"p99 last/first {result['p99_ratio_last_over_first']}, rss {rss} ({growth:+.1f}%)")

@@ -435,6 +435,9 @@ def cmd_projections_status(c, args) -> int:
     return 0
 
 
+CHILD_SAMPLES = 10_000  # lag samples / timeline entries a server's projector child keeps (bounded memory)
+
+
 def cmd_projections_run(c, args) -> int:
     """A projector process: keep the views current until SIGTERM / Ctrl-C."""
     import signal
@@ -448,7 +451,7 @@ def cmd_projections_run(c, args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    die_with_parent(stop.set)  # a child of `coordinator serve` ends when the server ends, however it ends
+    child = die_with_parent(stop.set)  # a child of `coordinator serve` ends when the server ends, however it ends
     try:
         lock = ProjectorLock.acquire(c.settings.store)
     except ProjectorBusy as exc:
@@ -457,7 +460,8 @@ def cmd_projections_run(c, args) -> int:
     try:
         if stop.is_set():
             return 0
-        _print(run_until(c.app, c.settings.store, stop))
+        _print(run_until(c.app, c.settings.store, stop, keep_samples=CHILD_SAMPLES if child else None,
+                         cache_rows=c.settings.projection_cache_rows))
     finally:
         lock.release()
     return 0
