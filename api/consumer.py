@@ -23,7 +23,7 @@ from litestar.response import Stream
 
 from streams import frames as br
 from api.batch import Batch, BatchSnapshot
-from api.errors import ApiError, not_found, unauthorized, validation_failed
+from api.errors import ApiError, not_found, strict_decode, unauthorized, validation_failed
 from api.keys import ApiKey, KeyError_, KeyInfo
 from api.schemas import (
     MAX_LIST_LIMIT,
@@ -318,6 +318,7 @@ def consumer_router(services: ApiServices) -> Router:
     # -------------------------------------------------------------- jobs
     @post("/jobs", status_code=201, summary="Create a Job")
     async def create_job(request: Request, data: JSONBody[CreateJobRequest]) -> Response[JobEnvelope]:
+        strict_decode(await request.body(), CreateJobRequest)
         view = await sched.asubmit(request.user.account_id, data.workload, data.input, data.prefs() or None,
                                    idempotency_key=request.scope.get("idempotency_key"))
         return ok(JobEnvelope(job_out(view)), 201)
@@ -424,6 +425,7 @@ def consumer_router(services: ApiServices) -> Router:
     # -------------------------------------------------------------- batches
     @post("/jobs/batch", status_code=201, summary="Create a batch of Jobs (1..100 inputs)")
     async def create_batch(request: Request, data: JSONBody[CreateBatchRequest]) -> Response[BatchJobOut]:
+        strict_decode(await request.body(), CreateBatchRequest)
         snap = await services.batches.asubmit(request.user.account_id, data, request.scope.get("idempotency_key"))
         return ok(snap.batch_job(), 201)
 

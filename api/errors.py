@@ -31,7 +31,7 @@ OVERLOADED_RETRY_AFTER_S = 1
 
 _CODES = {400: "bad_request", 401: "unauthorized", 402: "payment_required", 403: "forbidden", 404: "not_found",
           405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-          422: "validation_failed", 429: "rate_limited", 500: "internal_error", 503: "unavailable"}
+          422: "validation_failed", 429: "rate_limited", 431: "headers_too_large", 500: "internal_error", 503: "unavailable"}
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
                  403: "permission_error", 404: "invalid_request_error", 409: "invalid_request_error",
@@ -149,6 +149,10 @@ def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, CommitConflict):
         return ApiError(503, "contention", "too much contention on this resource; retry shortly",
                         headers={"Retry-After": str(OVERLOADED_RETRY_AFTER_S)})
+    if is_database_unavailable(exc):
+        log.warning("database_unavailable", error=repr(exc)[:300])
+        return ApiError(503, "database_unavailable", "the event store is unavailable; retry shortly",
+                        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
     if _is_redis_unavailable(exc):
         log.warning("redis_unavailable", error=repr(exc))
         return ApiError(503, "unavailable", "a backing service is unavailable; retry shortly",
@@ -175,6 +179,35 @@ def to_api_error(exc: Exception) -> ApiError:
     return ApiError(500, "internal_error", "internal server error")
 
 
+DATABASE_RETRY_AFTER_S = 2
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """The event store cannot be reached or written right now (PostgreSQL down or restarting,
+    the pool exhausted, SQLite locked by another process, disk full, read-only file): a 503
+    with Retry-After, never a 500. Checked along the exception's cause chain."""
+    import sqlite3
+
+    from eventsourcing import persistence as es
+
+    kinds: list[type[BaseException]] = [es.OperationalError, es.InterfaceError, es.ConnectionUnavailableError,
+                                        es.ConnectionPoolClosedError, sqlite3.OperationalError]
+    try:
+        import psycopg
+
+        kinds += [psycopg.OperationalError, psycopg.InterfaceError]
+    except ImportError:  # pragma: no cover
+        pass
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, tuple(kinds)):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
 def _is_redis_unavailable(exc: Exception) -> bool:
     try:
         from redis.exceptions import ConnectionError as RedisConnectionError
@@ -182,6 +215,35 @@ def _is_redis_unavailable(exc: Exception) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError))
+
+
+def field_of(message: str) -> tuple[str, str]:
+    """msgspec names the field in its message ("Expected int, got str - at $.messages[0].role"):
+    (field path, message without the path); ("body", message) when it names none."""
+    message = message.replace("`", "")
+    head, sep, path = message.rpartition(" - at $")
+    key = "body"
+    if sep and path.startswith((".", "[")):
+        key, message = path.lstrip(".")[:200] or "body", head
+        if head.startswith(("Object missing required field ", "Object contains unknown field ")):
+            key = f"{key}.{head.rsplit(' ', 1)[-1]}"[:200]
+    elif message.startswith(("Object missing required field ", "Object contains unknown field ")):
+        key = message.rsplit(" ", 1)[-1][:200]
+    return key, message
+
+
+def strict_decode(raw: bytes, typ: type) -> None:
+    """Decode the body again without lax type coercion (Litestar converts with strict=False:
+    "10" would pass as 10): a wrongly typed value is a 422 naming its field."""
+    import msgspec
+
+    try:
+        msgspec.json.decode(raw, type=typ)
+    except msgspec.ValidationError as exc:
+        key, message = field_of(str(exc))
+        raise validation_failed({key: [message]}) from None
+    except msgspec.DecodeError:
+        pass  # Litestar already refused malformed JSON before the handler ran
 
 
 def _litestar_field_errors(exc: ValidationException) -> dict[str, list[str]]:
@@ -194,6 +256,8 @@ def _litestar_field_errors(exc: ValidationException) -> dict[str, list[str]]:
         if key == "data":
             key = "body"
         message = str(item.get("message") or "invalid").replace("`", "")
+        if key == "body":
+            key, message = field_of(message)
         errors.setdefault(key, []).append(message)
     if not errors:
         errors["body"] = [str(exc.detail)]

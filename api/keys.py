@@ -16,6 +16,7 @@ it has, in creation order), issued, revoked and looked up through the group comm
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import string
 import uuid
@@ -255,7 +256,7 @@ class KeyStore:
 
         def read(uow: UnitOfWork) -> KeyRecord | None:
             key = uow.get_or_none(key_id, fresh=fresh)
-            if not isinstance(key, ApiKey) or key.key_hash != key_hash:
+            if not isinstance(key, ApiKey) or not hmac.compare_digest(key.key_hash, key_hash):
                 return None
             return _record(key)
 

@@ -29,7 +29,7 @@ from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
 from streams import frames as br
-from api.errors import ApiError, validation_failed
+from api.errors import ApiError, strict_decode, validation_failed
 from api.schemas import (
     ChatChoice,
     ChatCompletion,
@@ -63,6 +63,10 @@ DEFAULT_MODEL = "default"  # what the published CLI always sends: the default ch
 DEFAULT_CHAT_CARGO = "llm-chat"
 
 
+class _Draining(Exception):
+    """The server began to drain while a completion waited for its Job."""
+
+
 def resolve_model(cargos: list[Cargo], model: str) -> tuple[Cargo, str]:
     if model == DEFAULT_MODEL:
         chosen = next((c for c in cargos if c.slug == DEFAULT_CHAT_CARGO), None) or \
@@ -94,8 +98,11 @@ def chat_input(req: ChatCompletionRequest, model: str) -> dict[str, Any]:
                 else:
                     texts.append(part.text)
             content = "".join(texts)
+        elif m.content is None:
+            errors.setdefault(f"messages[{i}].content", []).append("is required")
+            continue
         else:
-            content = m.content or ""
+            content = m.content
         messages.append({"role": role, "content": content})
     if req.n not in (None, 1):
         errors.setdefault("n", []).append("only n=1 is supported")
@@ -108,6 +115,46 @@ def chat_input(req: ChatCompletionRequest, model: str) -> dict[str, Any]:
     if req.temperature is not None:
         out["temperature"] = req.temperature
     return out
+
+
+WAIT_HEADER = "x-wait-s"
+
+
+def wait_bound_s(request: Request, default_s: int) -> int:
+    """How long a non-streaming completion may wait for its Job: the `X-Wait-S` header
+    (whole seconds, 1..COORDINATOR_CHAT_WAIT_S), else COORDINATOR_CHAT_WAIT_S."""
+    raw = request.headers.get(WAIT_HEADER)
+    if raw is None:
+        return default_s
+    raw = raw.strip()
+    if not raw.isdigit() or not 1 <= int(raw) <= default_s:
+        raise validation_failed({"X-Wait-S": [f"must be a whole number of seconds from 1 to {default_s}"]})
+    return int(raw)
+
+
+def serving_islands(registry: Any, cargo: Cargo, model: str) -> int:
+    """Approved, online, not draining Islands that declare this Cargo and model."""
+    n = 0
+    for rec in list(registry.islands.values()):
+        if not (rec.online and rec.approved and not rec.draining):
+            continue
+        caps = rec.capabilities
+        if cargo.slug in caps.get("cargos", ()) and model in caps.get("models", ()):
+            n += 1
+    return n
+
+
+NO_ISLAND_RETRY_AFTER_S = 30
+
+
+def no_island(cargo: Cargo, model: str) -> ApiError:
+    return ApiError(503, "no_island", f"no approved, online Island serves {model!r} ({cargo.slug}) right now; "
+                                      f"retry later", headers={"Retry-After": str(NO_ISLAND_RETRY_AFTER_S)})
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "shutting_down", "the coordinator is shutting down; the job was cancelled and refunded; "
+                                          "retry", headers={"Retry-After": "1"})
 
 
 def _usage(view: JobView) -> ChatUsage:
@@ -168,6 +215,7 @@ def openai_handlers(services: ApiServices) -> list[Any]:
 
     async def wait_terminal(job_id: str, account_id: UUID, deadline: float) -> JobView:
         sub = services.broker.subscribe(job_id, None)
+        services.sse_open.add(sub)  # a drain interrupts the wait (begin_drain)
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -178,10 +226,13 @@ def openai_handlers(services: ApiServices) -> list[Any]:
                     view = await sched.aget_job(UUID(job_id), account_id)
                     if view is not None and view.status in TERMINAL:
                         return view
+                    if services.draining.is_set():
+                        raise _Draining
                     continue
                 if any(br.is_terminal(d) for _, d in entries):
                     break
         finally:
+            services.sse_open.discard(sub)
             sub.close()
         view = await sched.aget_job(UUID(job_id), account_id)
         assert view is not None
@@ -191,9 +242,15 @@ def openai_handlers(services: ApiServices) -> list[Any]:
           summary="OpenAI-compatible chat completion")
     async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest]) -> Response[ChatCompletion]:
         account_id = request.user.account_id
+        strict_decode(await request.body(), ChatCompletionRequest)
         cargo, model = resolve_model(current()["cargos"], data.model)
         payload = chat_input(data, model)
         prefs = {"bid_price": data.bid_price} if data.bid_price is not None else None  # extension field
+        wait_s = wait_bound_s(request, services.settings.api.chat_wait_s)
+        if services.draining.is_set():
+            raise ApiError(503, "shutting_down", "the coordinator is shutting down; retry", headers={"Retry-After": "1"})
+        if cargo.enabled and not serving_islands(sched.core.registry, cargo, model):
+            raise no_island(cargo, model)
         view = await sched.asubmit(account_id, cargo.slug, payload, prefs, idempotency_key=request.scope.get(
             "idempotency_key"))
         completion_id = f"chatcmpl-{view.id}"
@@ -202,12 +259,15 @@ def openai_handlers(services: ApiServices) -> list[Any]:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
             return Stream(_stream(services, view, account_id, completion_id, created, data.model, include_usage),
                           media_type="text/event-stream", headers=SSE_HEADERS)
-        deadline = time.monotonic() + services.settings.api.chat_wait_s
+        deadline = time.monotonic() + wait_s
         try:
             final = await wait_terminal(view.id, account_id, deadline)
         except TimeoutError:
             await sched.acancel(UUID(view.id), account_id=account_id, by="consumer (timeout)")
-            raise ApiError(504, "timeout", "the job did not finish in time; it was cancelled") from None
+            raise ApiError(504, "timeout", f"the job did not finish within {wait_s} s; it was cancelled") from None
+        except _Draining:
+            await sched.acancel(UUID(view.id), account_id=account_id, by="coordinator (shutdown)")
+            raise shutting_down() from None
         if final.status != "completed":
             raise job_error(final)
         body = ChatCompletion(id=completion_id, created=created, model=data.model,
@@ -246,12 +306,18 @@ async def _stream(services: ApiServices, view: JobView, account_id: UUID, cid: s
                   include_usage: bool) -> AsyncIterator[bytes]:
     sched = services.coordinator.scheduler
     sub = services.broker.subscribe(view.id, None)
+    services.sse_open.add(sub)  # a drain interrupts the stream (begin_drain)
     finished = False
     deadline = time.monotonic() + services.settings.api.chat_wait_s
     try:
         yield _chunk(cid, created, model, ChatDelta(role="assistant", content=""), None)
         while not finished:
             if time.monotonic() > deadline:
+                break
+            if services.draining.is_set():
+                err = shutting_down()
+                yield b"data: " + encode({"error": {"message": err.message, "type": "api_error", "param": None,
+                                                    "code": err.code}}) + b"\n\n"
                 break
             entries = await sub.next(POLL_S)
             if entries is None:
@@ -280,6 +346,7 @@ async def _stream(services: ApiServices, view: JobView, account_id: UUID, cid: s
                     yield b"data: [DONE]\n\n"
                     break
     finally:
+        services.sse_open.discard(sub)
         sub.close()
         if not finished:
             # The client hung up (or timed out): stop the Island, charge only what was delivered.

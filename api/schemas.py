@@ -110,8 +110,8 @@ class JobOut(msgspec.Struct, kw_only=True):
     island_id: str | None = None
     island_name: str | None = None
     tokens_per_second: Decimal | None = None
-    credits_held: Decimal = Decimal(0)
-    credits_charged: Decimal = Decimal(0)
+    credits_held: Decimal
+    credits_charged: Decimal
     attempts: int = 0
     parent_id: str | None = None
     batch_index: int | None = None

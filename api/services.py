@@ -90,6 +90,7 @@ class ApiServices:
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     sse_open: set = field(default_factory=set)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    store_probe: Any = None  # api/store_gate.py: PostgreSQL reachability (None on SQLite)
 
     # ---------------------------------------------------------- lifecycle (server)
     def begin_drain(self) -> None:
@@ -101,6 +102,8 @@ class ApiServices:
 
     async def start_background(self) -> None:
         self.draining = asyncio.Event()
+        if self.store_probe is not None:
+            self.store_probe.start()
         await self.broker.start()
         if self.projections is not None:
             await asyncio.to_thread(self.projections.start)
@@ -113,6 +116,8 @@ class ApiServices:
 
     async def stop_background(self) -> None:
         self.begin_drain()
+        if self.store_probe is not None:
+            self.store_probe.stop()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:

@@ -99,6 +99,8 @@ class Settings:
     catalog_path: Path | None = None  # None = the packaged scheduler/cargos.toml
     api: ApiSettings = field(default_factory=ApiSettings)
     admin_token: str | None = None  # COORDINATOR_ADMIN_TOKEN: the operator API's bearer token (unset = off)
+    commit_cache_aggregates: int = 200_000  # COORDINATOR_COMMIT_CACHE_AGGREGATES: the committer's aggregate cache
+    projection_cache_rows: int = 100_000  # COORDINATOR_PROJECTION_CACHE_ROWS: the projector's row cache per table
 
     @property
     def store(self) -> StoreConfig:
@@ -164,6 +166,8 @@ class Settings:
             catalog_path=Path(env["COORDINATOR_CATALOG"]) if env.get("COORDINATOR_CATALOG") else None,
             api=_api_settings(env),
             admin_token=_admin_token(env),
+            commit_cache_aggregates=_int(env, "COORDINATOR_COMMIT_CACHE_AGGREGATES", 200_000, 100, 10_000_000),
+            projection_cache_rows=_int(env, "COORDINATOR_PROJECTION_CACHE_ROWS", 100_000, 100, 10_000_000),
         )
 
 

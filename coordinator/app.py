@@ -33,6 +33,9 @@ from api.keys import KeyStore
 from api.hosts import hosts_handlers
 from api.openai_compat import openai_handlers
 from api.verification import verification_handlers
+from api.openapi import OPENAPI_PLUGINS
+from api.limits import HeaderLimit
+from api.store_gate import StoreGate, probe_for
 from api.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from config.settings import Settings
 from api.services import ApiServices, ProjectionJobLister, _PositionTracker
@@ -70,7 +73,7 @@ def build_services(settings: Settings, *, coordinator: Coordinator | None = None
     c.committer.add_listener(positions)
     services = ApiServices(coordinator=c, settings=settings, broker=broker, keys=keys, limiter=limiter,
                            authenticator=authenticator, idempotency=idem, batches=batches, listener=c.listeners,
-                           fresh_reads=fresh, redis=redis)
+                           fresh_reads=fresh, redis=redis, store_probe=probe_for(settings.store))
     if with_projections:
         services.projections = _open_projections(c, api.projections)
         if services.projections is not None:
@@ -130,7 +133,8 @@ def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), ope
                         *hosts_handlers(services), *verification_handlers(services), *extra_handlers],
         on_startup=list(on_startup),
         on_shutdown=list(on_shutdown),
-        middleware=[*outer_middleware, DefineMiddleware(AuthMiddleware, authenticator=services.authenticator),
+        middleware=[HeaderLimit, DefineMiddleware(StoreGate, probe=services.store_probe), *outer_middleware,
+                    DefineMiddleware(AuthMiddleware, authenticator=services.authenticator),
                     DefineMiddleware(IdempotencyMiddleware, store=services.idempotency,
                                      ttl_ms=cfg.idempotency_ttl_s * 1000, max_body_bytes=cfg.max_body_bytes)],
         exception_handlers={Exception: exception_handler},
@@ -138,6 +142,7 @@ def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), ope
         openapi_config=OpenAPIConfig(title="Archipelag coordinator", version="1.0.0", path="/api/v1/schema",
                                      description="Consumer API (api-contract.md) and OpenAI-compatible chat."),
         lifespan=[services.lifespan, *extra_lifespans],  # extras are entered after the services'
+        plugins=list(OPENAPI_PLUGINS),  # credits are numbers in the document as on the wire (api/openapi.py)
         logging_config=None,
         debug=False,
         **(app_kwargs or {}),

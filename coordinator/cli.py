@@ -455,6 +455,9 @@ def cmd_projections_status(c, args) -> int:
     return 0
 
 
+CHILD_SAMPLES = 10_000  # lag samples / timeline entries a server's projector child keeps (bounded memory)
+
+
 def cmd_projections_run(c, args) -> int:
     """A projector process: keep the views current until SIGTERM / Ctrl-C."""
     import signal
@@ -462,10 +465,25 @@ def cmd_projections_run(c, args) -> int:
 
     from projections.service import run_until
 
+    from coordinator.children import die_with_parent
+    from projections.lock import EXIT_BUSY, ProjectorBusy, ProjectorLock
+
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    _print(run_until(c.app, c.settings.store, stop))
+    child = die_with_parent(stop.set)  # a child of `coordinator serve` ends when the server ends, however it ends
+    try:
+        lock = ProjectorLock.acquire(c.settings.store)
+    except ProjectorBusy as exc:
+        print(f"coordinator: {exc}; not starting a second one", file=sys.stderr)
+        return EXIT_BUSY
+    try:
+        if stop.is_set():
+            return 0
+        _print(run_until(c.app, c.settings.store, stop, keep_samples=CHILD_SAMPLES if child else None,
+                         cache_rows=c.settings.projection_cache_rows))
+    finally:
+        lock.release()
     return 0
 
 
@@ -554,6 +572,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _store_hint(settings: Settings) -> str:
+    """Why an embedded store could not be opened, when the file system can say (read-only,
+    not writable, full)."""
+    import errno
+    import os
+
+    if settings.store.is_postgres:
+        return ""
+    d = settings.store.data_dir
+    probe = d if d.exists() else d.parent
+    try:
+        st = os.statvfs(probe)
+        if st.f_flag & os.ST_RDONLY:
+            return f" (the data directory {d} is on a read-only file system)"
+        if st.f_bavail == 0:
+            return f" (the file system of {d} is full)"
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return f" (the data directory {d} does not exist and cannot be created)"
+    if not os.access(probe, os.W_OK):
+        return f" (the data directory {d} is not writable)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     if raw[:1] == ["simulate"]:  # the simulator parses its own arguments and opens no event store
@@ -579,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         c = build(settings)
     except Exception as exc:  # noqa: BLE001 - operator-facing
-        print(f"coordinator: cannot open the event store ({settings.store.describe()}): {exc}", file=sys.stderr)
+        print(f"coordinator: cannot open the event store ({settings.store.describe()}): {exc}{_store_hint(settings)}",
+              file=sys.stderr)
         return EXIT_FAILED
     try:
         return args.func(c, args)

@@ -114,13 +114,24 @@ def make_server(services: ApiServices, host: str, port: int) -> CoordinatorServe
 
 class Projector:
     """The read-model runner as a child process of `coordinator serve` (COORDINATOR_PROJECTIONS
-    =process): its CPU work runs beside the request path, not under its GIL. Restarted if it
-    dies; stopped (SIGTERM, it finishes its page) after the HTTP server stopped."""
+    =process): its CPU work runs beside the request path, not under its GIL.
 
-    RESTART_DELAY_S = 1.0
+    - The child dies with the server however the server dies (`COORDINATOR_PARENT_PID`:
+      parent-death signal and a parent watch, coordinator/children.py).
+    - A child that dies alone is restarted with exponential back-off: 1 s, 2 s, 4 s ... at
+      most `MAX_DELAY_S`; a child that ran `HEALTHY_S` or longer starts the sequence again.
+    - A child that finds another projector holding the store's lock exits with
+      `EXIT_BUSY` (projections/lock.py); it is retried on the same back-off, so this server's
+      projector takes over when the other one ends (a standby, never a second writer).
+    - Stopped (SIGTERM, it finishes its page) after the HTTP server stopped."""
+
+    FIRST_DELAY_S = 1.0
+    MAX_DELAY_S = 30.0
+    HEALTHY_S = 60.0
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
+        self.restarts = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="projector-supervisor", daemon=True)
 
@@ -129,17 +140,43 @@ class Projector:
 
     def _spawn(self) -> subprocess.Popen:
         # `coordinator projections run` (projections/service.py run_until), same environment.
-        return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "projections", "run"], env=dict(os.environ),
-                                stdout=subprocess.DEVNULL)
+        from coordinator.children import PARENT_PID_ENV
+
+        return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "projections", "run"],
+                                env={**os.environ, PARENT_PID_ENV: str(os.getpid())}, stdout=subprocess.DEVNULL)
+
+    @classmethod
+    def next_delay_s(cls, delay_s: float, ran_s: float) -> float:
+        """The wait before the next start, after a child that ran `ran_s` seconds."""
+        if ran_s >= cls.HEALTHY_S:
+            return cls.FIRST_DELAY_S
+        return min(cls.MAX_DELAY_S, max(cls.FIRST_DELAY_S, delay_s * 2))
 
     def _supervise(self) -> None:
+        import time
+
+        from projections.lock import EXIT_BUSY
+
+        delay_s = self.FIRST_DELAY_S / 2
         while not self._stop.is_set():
-            self.proc = self._spawn()
-            code = self.proc.wait()
+            started = time.monotonic()
+            try:
+                self.proc = self._spawn()
+            except OSError as exc:
+                log.error("projector_spawn_failed", error=repr(exc))
+                code: int | None = None
+            else:
+                code = self.proc.wait()
             if self._stop.is_set():
                 return
-            log.error("projector_exited", code=code)
-            self._stop.wait(self.RESTART_DELAY_S)
+            delay_s = self.next_delay_s(delay_s, time.monotonic() - started)
+            if code == EXIT_BUSY:
+                log.warning("projector_busy", retry_in_s=delay_s,
+                            detail="another projector holds this store's lock; standing by")
+            else:
+                log.error("projector_exited", code=code, restart_in_s=delay_s)
+            self.restarts += 1
+            self._stop.wait(delay_s)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stop.set()
@@ -153,11 +190,38 @@ class Projector:
         self._thread.join(5)
 
 
+def redis_where(url: str) -> str:
+    """host:port/db of a Redis URL, never its password."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    return f"{u.scheme}://{u.hostname or ''}:{u.port or 6379}{u.path or ''}"
+
+
+def redis_unreachable(url: str, timeout_s: float = 3.0) -> str | None:
+    """None if Redis answers PING within `timeout_s`, else why not (one line)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        client.ping()
+        return None
+    except Exception as exc:  # noqa: BLE001 - operator-facing, one line
+        return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    finally:
+        client.close()
+
+
 def serve(c: Coordinator, settings: Settings, host: str | None = None, port: int | None = None) -> int:
     """Run until SIGTERM / Ctrl-C. The caller closes `c` afterwards (committer, store)."""
     from coordinator.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
+    if settings.redis_url:  # the broker, limiter and sessions live there: refuse to start without it
+        why = redis_unreachable(settings.redis_url)
+        if why is not None:
+            print(f"coordinator: cannot reach Redis at {redis_where(settings.redis_url)}: {why}", file=sys.stderr)
+            return 1
     services = build_services(settings, coordinator=c)
     tune_gc()
     server = make_server(services, host or settings.api.host, settings.api.port if port is None else port)

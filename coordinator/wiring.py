@@ -25,6 +25,7 @@ def build(settings: Settings, *, clock: Clock | None = None, ids: IdSource | Non
     ids = ids or RandomIds()
     app = open_app(settings.store)
     committer = GroupCommitter(app, clock, max_batch=settings.commit_max_batch, window_ms=settings.commit_window_ms,
+                               cache_size=settings.commit_cache_aggregates,
                                inline=inline, refresh_on_refusal=settings.store.is_postgres)
     ledger = Ledger(committer, settings.ledger)
     catalog = Catalog.load(settings.catalog_path)

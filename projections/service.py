@@ -26,10 +26,11 @@ from store.factory import StoreConfig
 
 class Projections:
     def __init__(self, app: Application, db: Database, *, page_size: int = 1_000, poll_interval_s: float = 0.05,
-                 setup: bool = True) -> None:
+                 setup: bool = True, cache_rows: int = 100_000) -> None:
         self.app = app
         self.db = db
-        self.runner = ProjectionRunner(app, db, page_size=page_size, poll_interval_s=poll_interval_s, rebuild=rebuild)
+        self.runner = ProjectionRunner(app, db, page_size=page_size, poll_interval_s=poll_interval_s, rebuild=rebuild,
+                                       cache_rows=cache_rows)
         if setup:
             self.runner.setup()
         else:
@@ -73,10 +74,18 @@ def lag_summary(samples: list[float]) -> dict[str, Any]:
             "max_ms": round(ordered[-1] * 1000, 2)}
 
 
-def run_until(app: Application, config: StoreConfig, stop: Any, *, page_size: int = 1_000) -> dict[str, Any]:
+def run_until(app: Application, config: StoreConfig, stop: Any, *, page_size: int = 1_000,
+              keep_samples: int | None = None, cache_rows: int = 100_000) -> dict[str, Any]:
     """A projector process: keep the views current until `stop` (a threading.Event) is set.
-    Returns the final positions and the lag percentiles observed."""
-    proj = Projections.open(app, config, page_size=page_size)
+    Returns the final positions and the lag percentiles observed. `keep_samples` bounds the
+    lag samples and the commit timeline kept for that report (a long-running child of
+    `coordinator serve`, whose report nobody reads, keeps only the last few thousand)."""
+    from collections import deque
+
+    proj = Projections.open(app, config, page_size=page_size, cache_rows=cache_rows)
+    if keep_samples is not None:
+        proj.runner.lag_samples = deque(maxlen=keep_samples)
+        proj.runner.timeline = deque(maxlen=keep_samples)
     try:
         proj.start()
         while not stop.wait(0.5):

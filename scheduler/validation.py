@@ -4,8 +4,9 @@
 the API, or the raw JSON bytes/str of that object) into a typed :class:`ChatInput` or
 :class:`ImageInput` for the Cargo's kind, or raises :class:`InvalidInput` listing every
 problem by field (``"input.max_tokens"``, ``"input.messages[3].content"``). It never raises
-anything else for bad user input. Unknown extra keys are ignored (forward compatible);
-``null`` for an optional field means "omitted" (its default applies).
+anything else for bad user input. Unknown keys are refused, each named
+(``"input.max_token": ["unknown field; allowed: ..."]``), so a typo is never silently
+dropped; ``null`` for an optional field means "omitted" (its default applies).
 
 :func:`worst_case_micro` is the amount to hold at admission. Limits: docs/CARGOS.md.
 """
@@ -62,6 +63,9 @@ MAX_GUIDANCE_SCALE = 30.0
 MAX_SEED = 2**63 - 1
 """Seeds are 0..2**63-1 (a signed 64-bit integer); -1 means "random" (same as omitted)."""
 ROLES = ("system", "user", "assistant")
+CHAT_FIELDS = ("prompt", "system_prompt", "max_tokens", "temperature", "messages", "model")
+IMAGE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed")
+MESSAGE_FIELDS = ("role", "content")
 
 Role = Literal["system", "user", "assistant"]
 
@@ -125,6 +129,7 @@ def validate_input(cargo: Cargo, raw: Any) -> ChatInput | ImageInput:
     """
     data = _parse(raw)
     errors: dict[str, list[str]] = {}
+    _unknown_keys(errors, "input", data, CHAT_FIELDS if cargo.kind == "chat" else IMAGE_FIELDS)
     if cargo.kind == "chat":
         result: ChatInput | ImageInput = _validate_chat(cargo, data, errors)
     elif cargo.kind == "image":
@@ -246,6 +251,19 @@ MISSING: Any = _Missing()
 
 def _add(errors: dict[str, list[str]], field: str, message: str) -> None:
     errors.setdefault(field, []).append(message)
+
+
+MAX_UNKNOWN_REPORTED = 10
+
+
+def _unknown_keys(errors: dict[str, list[str]], where: str, data: dict[Any, Any], allowed: tuple[str, ...]) -> None:
+    """One error per unknown key (the first MAX_UNKNOWN_REPORTED), naming it and the allowed ones."""
+    unknown = [k for k in data if k not in allowed]
+    for key in unknown[:MAX_UNKNOWN_REPORTED]:
+        name = key if isinstance(key, str) and len(key) <= 64 and key.isprintable() else _short(str(key), 32)
+        _add(errors, f"{where}.{name}", f"unknown field; allowed: {', '.join(allowed)}")
+    if len(unknown) > MAX_UNKNOWN_REPORTED:
+        _add(errors, where, f"{len(unknown)} unknown fields (first {MAX_UNKNOWN_REPORTED} listed)")
 
 
 def _short(value: str, limit: int = 64) -> str:
@@ -407,6 +425,7 @@ def _messages(errors: dict[str, list[str]], value: Any) -> list[ChatMessage]:
         if not isinstance(item, dict):
             _add(errors, item_field, f"must be an object with role and content, got {_type_name(item)}")
             continue
+        _unknown_keys(errors, item_field, item, MESSAGE_FIELDS)
         role = item.get("role", MISSING)
         if role is MISSING or role is None:
             _add(errors, f"{item_field}.role", "is required")

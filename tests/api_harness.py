@@ -300,13 +300,14 @@ class ServerProcess:
     """`coordinator serve --port 0` in a process of its own; the address comes from its
     "serving" log line."""
 
-    def __init__(self, env: dict[str, str], *, timeout_s: float = 60.0) -> None:
+    def __init__(self, env: dict[str, str], *, timeout_s: float = 60.0, port: int = 0) -> None:
         import os
         import subprocess
         import sys
 
-        env = {**env, "COORDINATOR_LOG_FORMAT": "json", "COORDINATOR_LOG_LEVEL": "info"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--port", "0"], env=env,
+        level = "debug" if env.get("COORDINATOR_LOG_LEVEL") == "debug" else "info"  # "serving" is an info line
+        env = {**env, "COORDINATOR_LOG_FORMAT": "json", "COORDINATOR_LOG_LEVEL": level}
+        self.proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--port", str(port)], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.lines: list[str] = []

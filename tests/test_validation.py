@@ -60,11 +60,10 @@ def test_chat_full_input_from_bytes_and_str() -> None:
         "temperature": 2,
         "messages": [
             {"role": "system", "content": "sys"},
-            {"role": "user", "content": "hi", "name": "ignored-extra"},
+            {"role": "user", "content": "hi"},
             {"role": "assistant", "content": ""},
         ],
         "model": "llama-3.1-8b-instruct",
-        "future_option": {"anything": [1, 2]},
     }
     for form in (raw, json.dumps(raw).encode(), json.dumps(raw)):
         result = validate_input(CHAT, form)
@@ -77,6 +76,23 @@ def test_chat_full_input_from_bytes_and_str() -> None:
             ChatMessage("user", "hi"),
             ChatMessage("assistant", ""),
         ]
+
+
+def test_unknown_keys_are_refused_each_by_name() -> None:
+    """A typo (`max_token`) is never dropped silently: every unknown key is named (#16)."""
+    with pytest.raises(InvalidInput) as exc:
+        validate_input(CHAT, {"prompt": "hi", "max_token": 5, "future_option": {"a": 1},
+                              "messages": [{"role": "user", "content": "x", "name": "n"}]})
+    errors = exc.value.errors
+    assert set(errors) == {"input.max_token", "input.future_option", "input.messages[0].name"}
+    assert "allowed: prompt, system_prompt, max_tokens" in errors["input.max_token"][0]
+    with pytest.raises(InvalidInput) as exc:
+        validate_input(SDXL, {"prompt": "a cat", "step": 4})
+    assert list(exc.value.errors) == ["input.step"]
+    many = {"prompt": "x", **{f"k{i}": i for i in range(25)}}
+    with pytest.raises(InvalidInput) as exc:
+        validate_input(CHAT, many)
+    assert len(exc.value.errors) == 11 and "25 unknown fields" in exc.value.errors["input"][0]
 
 
 def test_null_optional_fields_mean_omitted() -> None:
