@@ -53,7 +53,8 @@ JOB_TOPICS = tuple(get_topic(c) for c in (
     Job.Failed, Job.Cancelled, Job.TimedOut))
 ISLAND_TOPICS = tuple(get_topic(c) for c in (
     Island.Registered, Island.Approved, Island.Suspended, Island.CapabilitiesChanged, Island.WentOnline,
-    Island.WentOffline, Island.KarmaChanged, Island.KarmaAdjusted, Island.TokenRotated))
+    Island.WentOffline, Island.KarmaChanged, Island.KarmaAdjusted, Island.TokenRotated, Island.Paired,
+    Island.NatsCredentialIssued))
 CARGO_TOPICS = (get_topic(CargoSwitch.Switched),)
 SCHEDULER_TOPICS = JOB_TOPICS + ISLAND_TOPICS + CARGO_TOPICS
 _SCHEDULER_EVENTS = (Job.Event, Island.Event, CargoSwitch.Switched)
@@ -382,6 +383,8 @@ class DispatchCore:
             self.registry.set_karma(island_id, ev.karma_after_milli)
         elif isinstance(ev, Island.WentOffline):
             self.registry.set_offline(island_id)
+        elif isinstance(ev, Island.NatsCredentialIssued):
+            self.registry.set_nats_credential(island_id, ev.user, ev.password_hash)
 
     # ------------------------------------------------------------ timers
     def _timer(self, due_ms: int, kind: int, live: LiveJob) -> None:

@@ -71,6 +71,7 @@ def parse_capabilities(raw: dict[str, Any]) -> dict[str, Any]:
         "hardware_tier": integer("hardware_tier", 0, 0, 4),
         "slots": integer("slots", 1, 1, 1024),
         "asks_micro": asks,
+        **({"transport": "nats"} if raw.get("transport") == "nats" else {}),
     }
 
 
@@ -91,6 +92,8 @@ class IslandRecord:
     active: set[UUID] = field(default_factory=set)  # Jobs assigned to or running on it
     ordinal: int = 0  # registration order (stale Islands are reported in this order)
     draining: bool = False  # an operator's drain: no new Jobs, running ones finish
+    nats_user: str = ""  # the Island's NATS user (transport "nats"), from NatsCredentialIssued
+    nats_password_hash: str = ""  # its bcrypt hash (never the password)
 
     def slots_free(self) -> int:
         if self.draining:
@@ -165,6 +168,11 @@ class Registry:
             rec.capabilities = capabilities
             rec.slots_total = capabilities.get("slots", rec.slots_total)
             self._sync(rec)
+
+    def set_nats_credential(self, island_id: str, user: str, password_hash: str) -> None:
+        rec = self.islands.get(island_id)
+        if rec is not None:
+            rec.nats_user, rec.nats_password_hash = user, password_hash
 
     def set_karma(self, island_id: str, karma_milli: int) -> None:
         rec = self.islands.get(island_id)
