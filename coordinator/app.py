@@ -148,10 +148,45 @@ def create_server_app(services: ApiServices) -> Litestar:
     channel = build_island_channel(services.coordinator, services.broker)
     metrics.install(services)
     views = island_views(channel)
+    nats = nats_transport(services, channel, views)
     admin = operator_router(services, islands=views)
     return create_app(services, extra_handlers=[*island_routes(channel, views), admin,
                                                 metrics.metrics_handler],
-                      open_paths=("/api/v1/admin", "/metrics"), extra_lifespans=[channel.lifespan])
+                      open_paths=("/api/v1/admin", "/metrics"),
+                      extra_lifespans=[channel.lifespan, *([nats_lifespan(nats)] if nats else [])])
+
+
+def nats_transport(services: Any, channel: Any, views: Any, env: Any = None) -> Any:
+    """The NATS transport beside the WebSocket one when COORDINATOR_NATS_URL is set (else
+    None: nothing changes). Its pairing codes are shared with the owner's pairing route."""
+    from islandlink.nats import NatsSettings, build_nats_link
+    from scheduler.pairing import PairingSettings, build_pairing_codes
+
+    settings = NatsSettings.from_env(env)
+    if settings is None:
+        return None
+    cs = services.settings
+    pairing = build_pairing_codes(cs.redis_url, cs.api.redis_prefix, PairingSettings())
+    link = build_nats_link(services.coordinator, channel, settings, pairing)
+    views.pairing = pairing
+    views.nats_url = settings.url
+    services.coordinator.nats_link = link
+    return link
+
+
+def nats_lifespan(link: Any) -> Any:
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any = None) -> Any:
+        await link.start()
+        try:
+            yield
+        finally:
+            await link.close()
+            await link.pairing.close()
+
+    return lifespan
 
 
 def island_views(channel: Any) -> Any:
