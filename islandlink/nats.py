@@ -127,7 +127,7 @@ class NatsLink(LinkCore):
         self.stats: collections.Counter = collections.Counter()
         self._subs: list[Any] = []
         self._tasks: list[asyncio.Task] = []
-        self._auth_fingerprint = ""
+        self._fixed_users: tuple[Any, Any] | None = None
         self.connected = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
@@ -681,14 +681,18 @@ class NatsLink(LinkCore):
                 out.append((island_id, rec.nats_password_hash))
         return out
 
-    def sync_auth(self) -> bool:
-        """Write the authorization include from the approved NATS Islands; reload if it changed."""
+    def sync_auth(self, users: list[tuple[str, str]] | None = None) -> bool:
+        """Write the authorization include from the approved NATS Islands (`users`, read
+        now if not given); reload if it changed."""
         if self.settings.auth_file is None:
             return False
-        _, user, password = pn.split_url(self.settings.url)
-        coordinator = nats_auth.NatsUser(user or "coordinator", nats_auth.stable_hash(password or ""))
-        pairing = nats_auth.NatsUser(self.settings.pairing_user, nats_auth.stable_hash(self.settings.pairing_password))
-        text = nats_auth.render(coordinator, pairing, self.approved_users())
+        if self._fixed_users is None:  # bcrypt is slow on purpose: the two fixed users are hashed once
+            _, user, password = pn.split_url(self.settings.url)
+            self._fixed_users = (
+                nats_auth.NatsUser(user or "coordinator", nats_auth.stable_hash(password or "")),
+                nats_auth.NatsUser(self.settings.pairing_user, nats_auth.stable_hash(self.settings.pairing_password)))
+        coordinator, pairing = self._fixed_users
+        text = nats_auth.render(coordinator, pairing, self.approved_users() if users is None else users)
         if not nats_auth.write_if_changed(self.settings.auth_file, text):
             return False
         self.stats["auth_reloads"] += 1
@@ -703,8 +707,8 @@ class NatsLink(LinkCore):
                 users = self.approved_users()
                 fp = hash(tuple(sorted(users)))
                 if fp != key:
-                    key = fp
-                    await asyncio.to_thread(self.sync_auth)
+                    await asyncio.to_thread(self.sync_auth, users)
+                    key = fp  # what the file now holds
             except Exception:  # noqa: BLE001 - retried next period
                 log.exception("nats_auth_sync_failed")
 
