@@ -77,8 +77,9 @@ class NatsSettings:
             return None
         if not url.startswith(("nats://", "tls://")):
             raise ValueError("COORDINATOR_NATS_URL must start with nats:// or tls://")
-        auth = env.get("COORDINATOR_NATS_AUTH_FILE") or ""
-        pid = env.get("COORDINATOR_NATS_PID_FILE") or ""
+        nats_dir = env.get("COORDINATOR_NATS_DIR") or ""  # scripts/services.sh's layout
+        auth = env.get("COORDINATOR_NATS_AUTH_FILE") or (str(Path(nats_dir) / "auth.conf") if nats_dir else "")
+        pid = env.get("COORDINATOR_NATS_PID_FILE") or (str(Path(nats_dir) / "nats.pid") if nats_dir else "")
         public = (env.get("COORDINATOR_PUBLIC_URL") or "").rstrip("/")
         return cls(url=url, auth_file=Path(auth) if auth else None, pid_file=Path(pid) if pid else None,
                    pairing_user=env.get("COORDINATOR_NATS_PAIRING_USER") or "pairing",
