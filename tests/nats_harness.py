@@ -70,12 +70,31 @@ class NatsServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     pass
-                if self.pid_file.exists():
+                if self.pid_file.exists() and self._jetstream_ready():
                     return
             except OSError:
                 pass
             time.sleep(0.05)
         raise RuntimeError("nats-server did not start")
+
+    def _jetstream_ready(self) -> bool:
+        async def check() -> bool:
+            import nats
+
+            try:
+                nc = await nats.connect(f"nats://127.0.0.1:{self.port}", user=COORD_USER, password=COORD_PASS,
+                                        connect_timeout=1, allow_reconnect=False)
+            except Exception:  # noqa: BLE001
+                return False
+            try:
+                await nc.jetstream(timeout=1).account_info()
+                return True
+            except Exception:  # noqa: BLE001
+                return False
+            finally:
+                await nc.close()
+
+        return asyncio.run(check())
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -421,3 +421,37 @@ def test_operator_rotates_nats_credentials_from_the_cli(srv, nats_server, consum
     r2 = httpx.post(f"{srv.url}/api/v1/admin/islands/{host_id}/suspend", json={"reason": "x"},
                     headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
     assert r2.status_code == 200
+
+
+# ------------------------------------------------------------------ on both storage backends
+@pytest.mark.parametrize("backend_name", ["embedded", "pg_redis"])
+def test_pairing_and_a_chat_job_on_each_backend(backend_name, tmp_path):
+    """Pairing codes (memory / Redis), the Island's events (SQLite / PostgreSQL) and a Job
+    over NATS, end to end, with the whole server app (`create_server_app`'s wiring)."""
+    from tests.api_harness import make_backend
+
+    backend = make_backend(backend_name, tmp_path)
+    ns = NatsServer(tmp_path / "nats")
+    loop = AgentLoop()
+    server = None
+    try:
+        env = backend.env(COORDINATOR_PROJECTIONS="off", COORDINATOR_AUTO_APPROVE_ISLANDS="true",
+                          COORDINATOR_HEARTBEAT_S="1", COORDINATOR_RATE_LIMIT_PER_MIN="1000000", **ns.env())
+        server = ThreadServer(env)
+        wait_for(lambda: server.nats.connected.is_set())
+        _, key = server.account(credits="100")
+        loop.paired = []
+        with httpx.Client(base_url=server.url + "/api/v1", headers={"Authorization": f"Bearer {key}"},
+                          timeout=20) as client:
+            agent = start_paired(server, ns, loop, client)
+            isl = server.c.committer.query(lambda uow: uow.get(uuid.UUID(agent.host_id)))
+            assert isl.transport == "nats" and isl.approval == "approved"
+            jid = submit(client, "llm-chat", CHAT)
+            wait_for(status_is(client, jid, "completed"), 30)
+            assert job(client, jid)["usage"]["completion_tokens"] == 12
+    finally:
+        loop.close()
+        if server is not None:
+            server.stop()
+        ns.close()
+        backend.cleanup()
