@@ -133,6 +133,30 @@ class NatsLink(LinkCore):
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        """Connect and subscribe. If NATS is not reachable yet, the HTTP API and the
+        WebSocket Islands start anyway and this keeps trying every second."""
+        self.bus.add_transport(self)
+        if self.settings.auth_file is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._auth_loop(), name="nats-auth-sync"))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._connect_until_done(), name="nats-connect"))
+        try:  # a normal start is connected before the server takes requests; a NATS outage does not hold it up
+            await asyncio.wait_for(self.connected.wait(), 5.0)
+        except asyncio.TimeoutError:
+            log.warning("nats_unavailable_at_start", url=pn.split_url(self.settings.url)[0])
+
+    async def _connect_until_done(self) -> None:
+        while True:
+            try:
+                await self._connect()  # nats-py itself retries the first connect (every 0.5 s)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. the stream could not be created yet
+                self.stats["nats_connect_failures"] += 1
+                log.warning("nats_connect_failed", error=repr(exc)[:200])
+                await asyncio.sleep(1.0)
+
+    async def _connect(self) -> None:
         import nats
 
         url, user, password = pn.split_url(self.settings.url)
@@ -159,21 +183,24 @@ class NatsLink(LinkCore):
                 log.warning("nats_stream_check_failed", error=repr(exc))
 
         if self.settings.auth_file is not None:
-            self.sync_auth()  # the coordinator's own user must be in the file before we connect
-        self.nc = await nats.connect(servers=[url], name="coordinator", max_reconnect_attempts=-1,
+            await asyncio.to_thread(self.sync_auth)  # our own user must be in the file before we connect
+        nc = await nats.connect(servers=[url], name="coordinator", max_reconnect_attempts=-1,
                                      reconnect_time_wait=0.5, connect_timeout=5, no_echo=True,
                                      error_cb=on_error, disconnected_cb=on_disconnect,
                                      reconnected_cb=on_reconnect, allow_reconnect=True, **opts)
+        self.js = nc.jetstream(timeout=5)
+        try:
+            self.nc = nc
+            await self._ensure_stream()
+            for subj in ("host.*.*", pn.REGISTER, pn.PAIRING):
+                self._subs.append(await nc.subscribe(subj, queue=QUEUE_GROUP, cb=self._on_msg,
+                                                     pending_msgs_limit=1_000_000,
+                                                     pending_bytes_limit=512 * 1024 * 1024))
+        except Exception:
+            self.nc = None
+            await nc.close()
+            raise
         self.connected.set()
-        self.js = self.nc.jetstream(timeout=5)
-        await self._ensure_stream()
-        for subj in ("host.*.*", pn.REGISTER, pn.PAIRING):
-            self._subs.append(await self.nc.subscribe(subj, queue=QUEUE_GROUP, cb=self._on_msg,
-                                                      pending_msgs_limit=1_000_000,
-                                                      pending_bytes_limit=512 * 1024 * 1024))
-        self.bus.add_transport(self)
-        if self.settings.auth_file is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._auth_loop(), name="nats-auth-sync"))
         log.info("nats_link_started", url=url, auth_file=str(self.settings.auth_file or ""))
 
     async def _ensure_stream(self) -> None:

@@ -455,3 +455,19 @@ def test_pairing_and_a_chat_job_on_each_backend(backend_name, tmp_path):
             server.stop()
         ns.close()
         backend.cleanup()
+
+
+def test_coordinator_starts_while_nats_is_down_and_connects_when_it_is_back(tmp_path):
+    ns = NatsServer(tmp_path / "nats")
+    ns.stop()
+    env = {"COORDINATOR_DATA_DIR": str(tmp_path / "data"), "COORDINATOR_LOG_LEVEL": "error", **ns.env()}
+    server = ThreadServer(env)
+    try:
+        assert httpx.get(server.url + "/api/v1/health").status_code in (200, 503)  # the API is up without NATS
+        assert not server.nats.connected.is_set()
+        ns.start()
+        wait_for(lambda: server.nats.connected.is_set(), 15)
+        assert server.nats.stats["nats_errors"] >= 1  # the refused connection attempts were seen and retried
+    finally:
+        server.stop()
+        ns.close()
