@@ -78,7 +78,8 @@ async def _ws_island(url: str, token: str, n: int, accepted: Any, go: Any, rate:
     await asyncio.to_thread(go.wait)
     sent = await _pace(jobs, rate, seconds, lambda job_id, seq, text: ws.send(p.encode(
         p.Output(job_id=job_id, seq=seq, tokens=[text]))))
-    for job_id in jobs:
+    done, jobs[:] = list(jobs), []  # (no renewals for finished Jobs)
+    for job_id in done:
         await ws.send(p.encode(p.Complete(job_id=job_id, usage={"prompt_tokens": 1, "completion_tokens": 1})))
     await asyncio.sleep(0.5)
     await ws.send(p.encode(p.Bye()))
@@ -165,7 +166,8 @@ async def _nats_island(url: str, host_id: str, n: int, accepted: Any, go: Any, r
     await asyncio.to_thread(go.wait)
     sent = await _pace(jobs, rate, seconds, lambda job_id, seq, text: nc.publish(
         pn.subject(host_id, "output"), pn.encode(pn.JobOutput(job_id=job_id, seq=seq, chunk=text, is_final=False))))
-    for job_id in jobs:
+    done, jobs[:] = list(jobs), []
+    for job_id in done:
         await nc.publish(pn.subject(host_id, "status"), pn.encode(pn.JobStatus(job_id=job_id, state="succeeded",
                                                                                timestamp=0)))
     await nc.flush()
