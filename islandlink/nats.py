@@ -4,11 +4,12 @@ protocol.md, protocol/nats.py) on the same core as the WebSocket channel
 (islandlink/core.py): the same scheduler commands, ledger, karma, routing inputs and
 per-attempt stream state. Enabled by COORDINATOR_NATS_URL; docs/ISLANDS.md "NATS".
 
-Island -> coordinator: one queue subscription (`coordinators`) on `host.*.*` plus the two
-`coordinator.hosts.*` subjects, so each message is handled by exactly one coordinator
-process. Messages of one Island are handled in arrival order by a worker of their own
-(NATS keeps one publisher's order; the output before `succeeded` must be applied first);
-Islands proceed in parallel.
+Island -> coordinator: a subscription on `host.*.*` plus the two `coordinator.hosts.*`
+subjects. With several coordinator processes every process receives every message and
+only the dispatch leader handles them (decision 0058: one Island's messages must be
+applied in order, which a queue group spread over processes would break). Messages of one
+Island are handled in arrival order by a worker of their own (NATS keeps one publisher's
+order; the output before `succeeded` must be applied first); Islands proceed in parallel.
 
 Coordinator -> Island: assignments into the `JOBS` stream (work-queue retention, subjects
 `host.*.jobs`, created at start if missing; `Nats-Msg-Id` = Job id and offer deadline, so
@@ -46,7 +47,6 @@ from scheduler.pairing import PairingRefused, PendingIsland
 
 log = structlog.get_logger("islandlink.nats")
 
-QUEUE_GROUP = "coordinators"
 MAX_HOST_QUEUE = 10_000  # messages waiting for one Island's worker; beyond, dropped and counted
 HOST_WORKER_IDLE_S = 30.0
 MAX_CHUNK_CHARS = 64 * 1024
@@ -193,7 +193,7 @@ class NatsLink(LinkCore):
             self.nc = nc
             await self._ensure_stream()
             for subj in ("host.*.*", pn.REGISTER, pn.PAIRING):
-                self._subs.append(await nc.subscribe(subj, queue=QUEUE_GROUP, cb=self._on_msg,
+                self._subs.append(await nc.subscribe(subj, cb=self._on_msg,
                                                      pending_msgs_limit=1_000_000,
                                                      pending_bytes_limit=512 * 1024 * 1024))
         except Exception:
@@ -310,7 +310,16 @@ class NatsLink(LinkCore):
             h = self.hosts[host_id] = _Host(host_id)
         return h
 
+    def _handling(self) -> bool:
+        """This process handles Island messages while it holds the dispatch lead (the
+        last known state: no I/O on the loop). One process: always."""
+        held = getattr(self.scheduler.core.leader, "held", None)
+        return True if held is None else bool(held())
+
     async def _on_msg(self, msg: Any) -> None:
+        if not self._handling():
+            self.stats["left_to_the_leader"] += 1
+            return
         subj = msg.subject
         if subj == pn.PAIRING:
             asyncio.get_running_loop().create_task(self._guard(self._pairing, msg, "pairing"))

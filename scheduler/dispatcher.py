@@ -146,6 +146,9 @@ class AlwaysLeader:
     def is_leader(self) -> bool:
         return True
 
+    def held(self) -> bool:
+        return True
+
 
 class DispatchCore:
     def __init__(self, committer: GroupCommitter, catalog: Catalog, ledger_config: LedgerConfig,
