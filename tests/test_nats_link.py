@@ -111,13 +111,15 @@ def pair(srv, nats_server, agents, owner_client: httpx.Client, **kw) -> tuple[st
                                                       use_jetstream=False)))
     assert first.pairing_code, first.pairing_reply
     agents.stop(first)
+    reloads = nats_server.log_text().count("Reloaded server configuration")
     r = owner_client.post("/islands/pair", json={"code": first.pairing_code.lower(), "name": "nats-island"})
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["data"]["id"] == host_id and body["nats"]["user"] == f"host-{host_id}"
     url = body["nats"]["url"]
     wait_for(lambda: f'"host-{host_id}"' in nats_server.auth_file.read_text(), 10)
-    time.sleep(0.3)  # the reload signal
+    wait_for(lambda: nats_server.log_text().count("Reloaded server configuration") > reloads, 10)
+    time.sleep(0.3)  # JetStream's account is re-enabled by the reload
     agents.paired.append(host_id)
     return host_id, url
 
@@ -345,7 +347,8 @@ def test_suspending_an_island_cuts_its_connection(srv, nats_server, consumer, ag
 def test_nats_restart_mid_run_loses_no_job(srv, nats_server, consumer, agents):
     _, client = consumer
     start_paired(srv, nats_server, agents, client, chat=EchoBackend(tokens_per_s=20, first_token_s=0.01))
-    jids = [submit(client, "llm-chat", {"prompt": f"job {i}", "max_tokens": 30}) for i in range(4)]
+    # 8 Jobs on 6 slots: some stream through the outage, some wait for a slot and run after it
+    jids = [submit(client, "llm-chat", {"prompt": f"job {i}", "max_tokens": 30}) for i in range(8)]
     wait_for(lambda: any(e["type"] == "token" for e in stream_events(srv, jids[0])), 20)
     nats_server.restart(down_s=1.0)
     wait_for(lambda: all(job(client, j)["status"] in ("completed", "failed") for j in jids), 60, 0.2)
