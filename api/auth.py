@@ -23,7 +23,10 @@ from api.keys import KEY_PREFIX, MAX_KEY_CHARS, USED_EVENT_EVERY_MS, KeyRecord, 
 from api.ratelimit import RateLimiter
 from store.clock import Clock
 
-OPEN_PATHS = ("/api/v1/health", "/api/v1/schema", "/schema")
+OPEN_PATHS = ("/api/v1/health", "/api/v1/schema", "/schema",
+              # the Compute Exchange's public reads (api/market.py): rates, history, order book
+              "/api/v1/market/rates", "/api/v1/market/history/", "/api/v1/market/orderbook/")
+READ_POSTS = frozenset({"/api/v1/market/quote"})  # POSTs that change nothing: the read scope suffices
 NEGATIVE_CACHE_SIZE = 10_000
 NEGATIVE_CACHE_S = 60.0
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -124,7 +127,7 @@ class AuthMiddleware:
         if not decision.allowed:
             raise ApiError(429, "rate_limited", f"rate limit of {decision.limit} requests per minute exceeded; "
                                                 f"retry in {decision.retry_after_s} s", headers=rl_headers)
-        needed = "read" if scope["method"] in READ_METHODS else "write"
+        needed = "read" if scope["method"] in READ_METHODS or scope["path"] in READ_POSTS else "write"
         if needed not in record.scopes:
             raise ApiError(403, "insufficient_scope", f"this API key lacks the {needed!r} scope", headers=rl_headers)
         scope["user"] = Principal(record.account_id, record.key_id, record.scopes)

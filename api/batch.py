@@ -348,6 +348,11 @@ class BatchService:
         if backlog + len(admitted) > sched.config.max_queued_per_account:
             raise from_refusal(AdmissionRefused(QUEUE_FULL, f"at most {sched.config.max_queued_per_account} "
                                                             f"queued jobs per account"))
+        try:
+            budgets = sched.budgets_for(str(account_id), admitted)
+        except AdmissionRefused as refusal:
+            sched.refusals.record(refusal)
+            raise from_refusal(refusal) from None
         max_par = req.max_parallelism or 0
         fingerprint = msgspec.json.encode([req.workload, req.inputs, req.merge_strategy, req.fail_mode, max_par,
                                            req.prefs()]).decode()
@@ -364,13 +369,13 @@ class BatchService:
                         or existing.fingerprint != fp:
                     raise cmd.IdempotencyMismatch(f"batch {batch_id} exists with different content")
                 return BatchSnapshot(existing, _children(uow, existing, False))
-            _precheck_funds(uow, self.ledger_config, account_id, sum(a.hold_micro for a in admitted), cargo)
+            _precheck_funds(uow, self.ledger_config, account_id, sum(b.hold_micro for b in budgets), cargo)
             children = []
             try:
-                for i, (jid, a) in enumerate(zip(child_ids, admitted, strict=True)):
+                for i, (jid, a, b) in enumerate(zip(child_ids, admitted, budgets, strict=True)):
                     children.append(cmd.submit_in(uow, self.ledger_config, sched.config, jid, account_id, a,
                                                   parent_id=str(batch_id), batch_index=i,
-                                                  pending=bool(max_par) and i >= max_par))
+                                                  pending=bool(max_par) and i >= max_par, budget=b))
             except LedgerError as exc:
                 raise refusal_from_ledger(exc) from None
             batch = Batch._create(Batch.Created, id=batch_id, account_id=str(account_id), cargo=cargo.slug,

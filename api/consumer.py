@@ -40,8 +40,11 @@ from api.schemas import (
     CreateJobRequest,
     HealthOut,
     JobEnvelope,
+    JobImageOut,
     JobListEnvelope,
     JobOut,
+    JobOutputEnvelope,
+    JobOutputOut,
     Usage,
     WorkloadEnvelope,
     WorkloadListEnvelope,
@@ -104,7 +107,16 @@ def job_out(v: JobView, island_name: str | None = None) -> JobOut:
         usage=usage_of(v.kind, v.usage, v.charged_micro) if v.usage is not None else None,
         model=v.model or None, island_id=v.island_id or None, island_name=island_name, tokens_per_second=tps,
         credits_held=Decimal(0) if terminal else _credits(v.hold_micro), credits_charged=_credits(v.charged_micro),
-        attempts=v.attempts, parent_id=v.parent_id or None, batch_index=v.batch_index if v.parent_id else None)
+        attempts=v.attempts, parent_id=v.parent_id or None, batch_index=v.batch_index if v.parent_id else None,
+        **market_fields(v))
+
+
+def market_fields(v: JobView) -> dict[str, Any]:
+    """The exchange's extras on a Job: its budget and source, and its clearing rate once assigned."""
+    if not v.budget_source:
+        return {}
+    return {"budget": _credits(v.budget_micro), "budget_source": v.budget_source,
+            "clearing_price": _credits(v.clearing_micro) if v.clearing_micro >= 0 else None}
 
 
 def batch_job_out(snap: BatchSnapshot) -> JobOut:
@@ -144,11 +156,7 @@ def key_out(info: KeyInfo, live_last_used_ms: int | None = None) -> ApiKeyOut:
 
 
 # ------------------------------------------------------------------ SSE
-def sse_frame(event_id: str, data: bytes) -> bytes:
-    return b"id: " + event_id.encode() + b"\ndata: " + data + b"\n\n"
-
-
-def replay_from_job(view: JobOut, after: str | None) -> list[bytes]:
+def replay_from_job(view: JobOut, after: str | None, id_lines: bool = False) -> list[bytes]:
     """The whole sequence of a finished Job whose stream has expired, from the Job itself
     (ids `0-1`, `0-2`, ... so a resume with one of them skips what was sent)."""
     events: list[bytes] = [br.status_event(view.status)]
@@ -156,13 +164,13 @@ def replay_from_job(view: JobOut, after: str | None) -> list[bytes]:
         if view.output is not None:
             image = _image_payload(view.output) if not view.is_batch else None
             events.append(br.image_event(**image) if image is not None else br.token_event(view.output))
-        usage = msgspec.to_builtins(view.usage) if view.usage is not None else \
+        usage = msgspec.to_builtins(view.usage, builtin_types=(Decimal,)) if view.usage is not None else \
             {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "credits_used": 0}
         events.append(br.done_event(usage))
     else:
         events.append(br.error_event(view.error or view.status))
     start = (br.parse_id(after) or (0, 0))[1] if after and after.startswith("0-") else 0
-    return [sse_frame(f"0-{i}", data) for i, data in enumerate(events, 1) if i > start]
+    return [br.sse_frame(f"0-{i}", data, id_line=id_lines) for i, data in enumerate(events, 1) if i > start]
 
 
 def _image_payload(output: str) -> dict[str, Any] | None:
@@ -178,19 +186,22 @@ def _image_payload(output: str) -> dict[str, Any] | None:
 
 def _terminal_only(view: JobOut) -> bytes:
     if view.status == "completed":
-        usage = msgspec.to_builtins(view.usage) if view.usage is not None else {}
+        usage = msgspec.to_builtins(view.usage, builtin_types=(Decimal,)) if view.usage is not None else {}
         return br.done_event(usage)
     return br.error_event(view.error or view.status)
 
 
 async def sse_stream(services: ApiServices, job_id: str, last_event_id: str | None,
-                     load: Callable[[], Awaitable[JobOut | None]]) -> AsyncIterator[bytes]:
+                     load: Callable[[], Awaitable[JobOut | None]], id_lines: bool = False) -> AsyncIterator[bytes]:
+    """The Job's events from the start (or after `last_event_id`) until done/error, as SSE
+    frames laid out by `streams.frames.sse_frame` (decision 0050); keep-alive comments
+    while idle."""
     broker = services.broker
     keepalive_s = services.settings.api.sse_keepalive_s
     if not await broker.exists(job_id):
         view = await load()
         if view is not None and view.status in ("completed", "failed", "cancelled", "timeout"):
-            for frame in replay_from_job(view, last_event_id):
+            for frame in replay_from_job(view, last_event_id, id_lines):
                 yield frame
             return
     sub = broker.subscribe(job_id, last_event_id)
@@ -208,14 +219,14 @@ async def sse_stream(services: ApiServices, job_id: str, last_event_id: str | No
                     terminal_seen_at = terminal_seen_at or now
                     if now - terminal_seen_at >= TERMINAL_GRACE_S or not await broker.exists(job_id):
                         ms, seq = last_seen or (int(time.time() * 1000), 0)
-                        yield sse_frame(br.format_id((ms, seq + 1)), _terminal_only(view))
+                        yield br.sse_frame(br.format_id((ms, seq + 1)), _terminal_only(view), id_line=id_lines)
                         return
-                yield b": keep-alive\n\n"
+                yield br.KEEPALIVE
                 continue
             frames = []
             ended = False
             for eid, data in entries:
-                frames.append(sse_frame(eid, data))
+                frames.append(br.sse_frame(eid, data, id_line=id_lines))
                 last_seen = br.parse_id(eid) or last_seen
                 if br.is_terminal(data):
                     ended = True
@@ -377,7 +388,10 @@ def consumer_router(services: ApiServices) -> Router:
         return ok(JobEnvelope(job_out(new)), 201)
 
     @get("/jobs/{job_id:str}/stream", summary="Server-Sent Events of a Job", media_type="text/event-stream")
-    async def stream_job(request: Request, job_id: FromPath[str]) -> Stream:
+    async def stream_job(request: Request, job_id: FromPath[str],
+                         id_lines: bool = Parameter(default=False, description=(
+                             "also write an SSE `id:` line after each `data:` line (for spec-following "
+                             "readers such as EventSource; decision 0050)"))) -> Stream:
         jid, account_id = parse_uuid(job_id), request.user.account_id
         first = await read_any(jid, account_id)
         if first is None:
@@ -388,8 +402,24 @@ def consumer_router(services: ApiServices) -> Router:
             found = await read_any(jid, account_id)
             return None if found is None else out(found)
 
-        return Stream(sse_stream(services, str(jid), last_id, load), media_type="text/event-stream",
+        return Stream(sse_stream(services, str(jid), last_id, load, id_lines), media_type="text/event-stream",
                       headers=SSE_HEADERS)
+
+    @get("/jobs/{job_id:str}/output", summary="A finished Job's full output (text, or the image), with usage")
+    async def job_output(request: Request, job_id: FromPath[str]) -> Response[JobOutputEnvelope]:
+        view = await load_out(parse_uuid(job_id), request.user.account_id)
+        if view.status not in ("completed", "failed", "cancelled", "timeout"):
+            raise ApiError(409, "job_not_finished", f"job is {view.status}; its output is there once it finished",
+                           headers={"Retry-After": "1"})
+        image = _image_payload(view.output) if view.output is not None and not view.is_batch else None
+        image_out = None
+        if image is not None:
+            image_out = JobImageOut(image_data=image["image_b64"], format=image["fmt"], width=image.get("width"),
+                                    height=image.get("height"), seed=image.get("seed"))
+        return ok(JobOutputEnvelope(JobOutputOut(
+            job_id=view.id, status=view.status, kind="image" if image_out is not None else "text",
+            output=view.output, image=image_out, error=view.error, usage=view.usage,
+            completed_at=view.completed_at)))
 
     # -------------------------------------------------------------- batches
     @post("/jobs/batch", status_code=201, summary="Create a batch of Jobs (1..100 inputs)")
@@ -427,7 +457,7 @@ def consumer_router(services: ApiServices) -> Router:
             raise ApiError(409 if exc.code == "too_many_keys" else 422, exc.code, exc.message) from None
         except UnknownAccount:
             raise unauthorized("the API key's account does not exist") from None
-        return ok(ApiKeyCreated(key_out(info), secret), 201)
+        return ok(ApiKeyCreated.of(key_out(info), secret), 201)
 
     @delete("/api-keys/{key_id:str}", status_code=200, summary="Revoke an API key (takes effect at once)")
     async def revoke_key(request: Request, key_id: FromPath[str]) -> Response[ApiKeyEnvelope]:
@@ -452,7 +482,7 @@ def consumer_router(services: ApiServices) -> Router:
 
     return Router(path="/api/v1", route_handlers=[
         get_account, list_workloads, get_workload, create_job, list_jobs, get_job, cancel_job, retry_job, stream_job,
-        create_batch, batch_status, list_keys, create_key, revoke_key, health])
+        job_output, create_batch, batch_status, list_keys, create_key, revoke_key, health])
 
 
 def _raw_prefs(prefs: dict[str, Any], *, batch: bool = False) -> dict[str, Any]:

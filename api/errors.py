@@ -95,6 +95,10 @@ def from_refusal(refusal: adm.AdmissionRefused, field_prefix: str | None = None)
         return ApiError(403, "account_suspended", refusal.message)
     if reason == adm.UNKNOWN_ACCOUNT:
         return unauthorized("the API key's account does not exist")
+    if reason == adm.NO_ISLAND_WITHIN_BUDGET:  # decision 0046: 409, not 402 (clients read 402 as "top up")
+        return ApiError(409, reason, refusal.message,
+                        extra={"current_rate": _credits(refusal.rate_micro), "budget": _credits(refusal.budget_micro),
+                               "budget_source": refusal.budget_source})
     if reason == adm.QUEUE_FULL:
         return ApiError(429, "queue_full", refusal.message,
                         headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})

@@ -127,7 +127,7 @@ class IslandViews:
         return IslandOut(id=str(isl.id), name=isl.name, owner_account_id=isl.owner_account_id, approval=isl.approval, 
                          draining=isl.draining,
                          online=bool(rec.online) if rec is not None else isl.online,
-                         connected_here=self.connected(str(isl.id)), karma=_karma(isl.karma_milli),
+                         connected_here=self.connected(str(isl.id)), karma=_karma(isl.karma_shown_milli),
                          capabilities=caps, slots_total=rec.slots_total if rec is not None else caps.get("slots", 1),
                          running_jobs=len(rec.active) if rec is not None else 0, jobs_completed=isl.jobs_completed,
                          jobs_failed=isl.jobs_failed, registered_at=iso(isl.created_on))

@@ -1,5 +1,9 @@
 """OpenAI-compatible chat: `POST /v1/chat/completions` and `GET /v1/models` (also under
-/api/v1), for the official `openai` client pointed at `base_url=<server>/v1`.
+/api/v1), for the official `openai` client pointed at `base_url=<server>/v1`. The model
+list is also the network endpoint of the contract: `GET /api/v1/models` lists every
+enabled Cargo's models (chat first, then image models, which do not chat), `GET /v1/models`
+only the chat models completions accept (decision 0017); both in the OpenAI list shape,
+each entry with its `workload_slug` and `online_hosts` (decision 0052).
 
 A completion is an ordinary chat Job (same admission, holds, billing, Islands and
 errors; errors in OpenAI's shape). `model` selects the Cargo: a chat Cargo's slug (its
@@ -55,7 +59,16 @@ ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistan
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+DEFAULT_MODEL = "default"  # what the published CLI always sends: the default chat Cargo
+DEFAULT_CHAT_CARGO = "llm-chat"
+
+
 def resolve_model(cargos: list[Cargo], model: str) -> tuple[Cargo, str]:
+    if model == DEFAULT_MODEL:
+        chosen = next((c for c in cargos if c.slug == DEFAULT_CHAT_CARGO), None) or \
+            next((c for c in sorted(cargos, key=lambda c: (not c.enabled, c.id))), None)
+        if chosen is not None:
+            return chosen, chosen.model
     for cargo in cargos:
         if cargo.slug == model:
             return cargo, cargo.model
@@ -128,18 +141,30 @@ def openai_handlers(services: ApiServices) -> list[Any]:
         catalog = sched.catalog
         if cache["catalog"] is not catalog:
             cargos = [cg for cg in catalog.all() if cg.kind == "chat"]
-            models: list[ModelOut] = []
+            entries: list[tuple[str, str, str | None, str]] = []  # (model id, Cargo slug, model name or None, kind)
             seen: set[str] = set()
-            for cg in cargos:
+            # chat Cargos first (their ids resolve for chat completions), then the others
+            for cg in sorted(catalog.all(), key=lambda c: c.kind != "chat"):
                 if not cg.enabled:
                     continue
                 for name in [cg.slug, cg.model, *sorted(cg.models)]:
                     if name not in seen:
                         seen.add(name)
-                        models.append(ModelOut(id=name, created=MODEL_CREATED, owned_by=OWNED_BY))
-            cache.update(catalog=catalog, cargos=cargos, body=encode(ModelList(data=models)),
-                         by_id={m.id: encode(m) for m in models})
+                        entries.append((name, cg.slug, None if name == cg.slug else name, cg.kind))
+            cache.update(catalog=catalog, cargos=cargos, entries=entries)
         return cache
+
+    def model_list(chat_only: bool) -> list[ModelOut]:
+        """Models with the number of approved online Islands serving each now (from the
+        dispatch core's live registry); `chat_only`: only what chat completions accept."""
+        core = sched.core
+        with core.lock:
+            live = [(frozenset(r.capabilities.get("cargos", ())), frozenset(r.capabilities.get("models", ())))
+                    for r in core.registry.islands.values() if r.online and r.approved]
+        return [ModelOut(id=mid, created=MODEL_CREATED, owned_by=OWNED_BY, workload_slug=slug,
+                         online_hosts=sum(1 for cargos, names in live
+                                          if slug in cargos and (model is None or model in names)))
+                for mid, slug, model, kind in current()["entries"] if not chat_only or kind == "chat"]
 
     async def wait_terminal(job_id: str, account_id: UUID, deadline: float) -> JobView:
         sub = services.broker.subscribe(job_id, None)
@@ -168,7 +193,8 @@ def openai_handlers(services: ApiServices) -> list[Any]:
         account_id = request.user.account_id
         cargo, model = resolve_model(current()["cargos"], data.model)
         payload = chat_input(data, model)
-        view = await sched.asubmit(account_id, cargo.slug, payload, idempotency_key=request.scope.get(
+        prefs = {"bid_price": data.bid_price} if data.bid_price is not None else None  # extension field
+        view = await sched.asubmit(account_id, cargo.slug, payload, prefs, idempotency_key=request.scope.get(
             "idempotency_key"))
         completion_id = f"chatcmpl-{view.id}"
         created = int(view.created_at.timestamp())
@@ -191,16 +217,19 @@ def openai_handlers(services: ApiServices) -> list[Any]:
                               usage=_usage(final))
         return Response(content=encode(body), media_type=MediaType.JSON)
 
-    @get(["/v1/models", "/api/v1/models"], summary="OpenAI-compatible model list (chat models)")
-    async def list_models() -> Response[ModelList]:
-        return Response(content=current()["body"], media_type=MediaType.JSON)
+    @get(["/v1/models", "/api/v1/models"],
+         summary="Models (OpenAI list shape) with their Cargo and how many online Islands serve each now")
+    async def list_models(request: Request) -> Response[ModelList]:
+        chat_only = not request.url.path.startswith("/api/v1/")  # /v1: the OpenAI shim's chat models
+        return Response(content=encode(ModelList(data=model_list(chat_only))), media_type=MediaType.JSON)
 
     @get(["/v1/models/{model_id:str}", "/api/v1/models/{model_id:str}"], summary="One model")
-    async def get_model(model_id: FromPath[str]) -> Response[ModelOut]:
-        body = current()["by_id"].get(model_id)
-        if body is None:
+    async def get_model(request: Request, model_id: FromPath[str]) -> Response[ModelOut]:
+        chat_only = not request.url.path.startswith("/api/v1/")
+        found = next((m for m in model_list(chat_only) if m.id == model_id), None)
+        if found is None:
             raise ApiError(404, "model_not_found", f"the model {model_id[:128]!r} does not exist")
-        return Response(content=body, media_type=MediaType.JSON)
+        return Response(content=encode(found), media_type=MediaType.JSON)
 
     return [chat_completions, list_models, get_model]
 

@@ -116,6 +116,10 @@ class JobOut(msgspec.Struct, kw_only=True):
     parent_id: str | None = None
     batch_index: int | None = None
     is_batch: bool = False
+    # the Compute Exchange (docs/EXCHANGE.md): rates in credits per the Cargo's billing unit
+    budget: Decimal | None = None
+    budget_source: str | None = None  # bid | preference | market | list
+    clearing_price: Decimal | None = None  # once assigned
 
 
 class JobEnvelope(msgspec.Struct):
@@ -188,9 +192,25 @@ class ApiKeyListEnvelope(msgspec.Struct):
     data: list[ApiKeyOut]
 
 
-class ApiKeyCreated(msgspec.Struct):
+class ApiKeyCreatedOut(ApiKeyOut, kw_only=True):
+    """The created key, readable by all three published clients at once (decision 0053):
+    the Python SDK reads `ApiKey(**body.data)` and `body.key`; the JavaScript SDK unwraps
+    `data` and reads `.data` and `.key` inside it; the CLI reads `data.api_key` and
+    `data.key`. Extra keys are ignored by each of them."""
+
+    api_key: ApiKeyOut
     data: ApiKeyOut
     key: str
+
+
+class ApiKeyCreated(msgspec.Struct):
+    data: ApiKeyCreatedOut
+    key: str
+
+    @classmethod
+    def of(cls, key: ApiKeyOut, secret: str) -> ApiKeyCreated:
+        fields = msgspec.structs.asdict(key)
+        return cls(ApiKeyCreatedOut(**fields, api_key=key, data=key, key=secret), secret)
 
 
 class BatchChildOut(msgspec.Struct, kw_only=True):
@@ -279,6 +299,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     n: int | None = None
     user: str | None = None
+    bid_price: str | None = None  # extension (the Compute Exchange): most credits per billing unit
 
 
 class ChatMessageOut(msgspec.Struct, kw_only=True):
@@ -332,10 +353,42 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
 
 
 class ModelOut(msgspec.Struct, kw_only=True):
+    """An OpenAI model entry, plus the network's `workload_slug` (the Cargo that serves it)
+    and `online_hosts` (approved online Islands serving it now); the `openai` client
+    ignores fields it does not know."""
+
     id: str
     object: str = "model"
     created: int
     owned_by: str
+    workload_slug: str = ""
+    online_hosts: int = 0
+
+
+class JobImageOut(msgspec.Struct, kw_only=True):
+    image_data: str
+    format: str
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+
+
+class JobOutputOut(msgspec.Struct, kw_only=True):
+    """GET /jobs/{id}/output: `output` as on the Job (text; an image Job's JSON string),
+    `kind` text|image and, for an image, the parsed `image`."""
+
+    job_id: str
+    status: str
+    kind: str
+    output: str | None
+    image: JobImageOut | None
+    error: str | None
+    usage: Usage | None
+    completed_at: str | None
+
+
+class JobOutputEnvelope(msgspec.Struct):
+    data: JobOutputOut
 
 
 class ModelList(msgspec.Struct, kw_only=True):

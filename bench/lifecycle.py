@@ -3,7 +3,14 @@ complete (settlement + earning + fee + karma) through the real scheduler, ledger
 routing code, on PostgreSQL and on the embedded SQLite default. Baseline, same run:
 the same lifecycles with one command per transaction (group commit off).
 
-    python -m bench lifecycle [--seconds S] [--inflight N] [--islands N]
+    python -m bench lifecycle [--seconds S] [--inflight N] [--islands N] [--no-market]
+
+With the market in play (the default): Islands ask 2.4..3.0 credits per 1000 completion
+tokens (seven price levels), a third of the consumers have a saved bid of 3.2, every third
+Job carries its own bid_price of 3.5, the rest take the market rate; each Job is cleared
+at its Island's ask. The cost of clearing per Job (budget chain + refusal check + hold
+at the budget, the clearing rate and the price at it) is measured apart, on the same
+scheduler, after the run.
 """
 
 from __future__ import annotations
@@ -32,7 +39,38 @@ CAPS = {"cargos": ["llm-chat", "llm-chat-lite"], "models": ["mistral-7b-instruct
         "vram_mb": 24_000, "ram_mb": 64_000, "slots": 16, "region": "eu", "hardware_tier": 2}
 
 
-def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_batch: int) -> dict:
+def clearing_cost_us(sched: Scheduler, consumers: list[uuid.UUID], n: int = 20_000) -> dict:
+    """Microseconds per Job of the exchange's work on the submit and settle path, against
+    the same loop without it (admission only), medians of 5 rounds."""
+    from scheduler import market as mkt
+    from scheduler.admission import admit
+
+    catalog = sched.catalog
+    inp = {"prompt": "hello " * 20, "max_tokens": 512}
+    admitted = [admit(catalog, "llm-chat", inp, {"bid_price": "3.5"} if i % 3 == 0 else None) for i in range(3)]
+    accounts = [str(c) for c in consumers]
+
+    def with_market() -> float:
+        t = time.perf_counter()
+        for i in range(n):
+            b = sched.resolve_budget(accounts[i % len(accounts)], admitted[i % 3])
+            rate = mkt.clearing_micro(2_700_000, 1000, b.budget_micro)
+            mkt.price_at_rate(5_500_000, rate, b.list_rate_micro)
+        return (time.perf_counter() - t) / n * 1e6
+
+    def without() -> float:
+        t = time.perf_counter()
+        for i in range(n):
+            admitted[i % 3].hold_micro  # noqa: B018 - the same loop, no market work
+        return (time.perf_counter() - t) / n * 1e6
+
+    on = sorted(with_market() for _ in range(5))[2]
+    off = sorted(without() for _ in range(5))[2]
+    return {"clearing_us_per_job": round(on - off, 3), "loop_us": round(off, 3)}
+
+
+def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_batch: int,
+        market: bool = True) -> dict:
     app = open_app(store)
     clock = SystemClock()
     committer = GroupCommitter(app, clock, max_batch=max_batch)
@@ -87,6 +125,11 @@ def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_
     for c in consumers:
         ledger.open_account(c, f"{c}@bench", kyc_verified=True, initial_grant_micro=10**13)
     ids = [sched.register_island(owner, f"i{i}", CAPS, approve=True).island_id for i in range(islands)]
+    if market:
+        for i, island in enumerate(ids):
+            sched.set_asking_prices(uuid.UUID(island), {"llm-chat": ("2.4", "2.5", "2.6", "2.7", "2.8", "2.9", "3")[i % 7]}, by="bench")
+        for c in consumers[::3]:
+            sched.set_bid(c, "llm-chat", "3.2", by="bench")
     sched.start(idle_wait_s=0.002)
     for island in ids:
         sched.heartbeat(island)
@@ -110,7 +153,8 @@ def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_
         acct = consumers[n % len(consumers)]
         n += 1
         try:
-            fut = sched.submit_future(acct, "llm-chat", {"prompt": "hello " * 20, "max_tokens": 512})
+            fut = sched.submit_future(acct, "llm-chat", {"prompt": "hello " * 20, "max_tokens": 512},
+                                      {"bid_price": "3.5"} if market and n % 3 == 0 else None)
         except Exception:  # noqa: BLE001 - queue bound reached
             slots_free.release()
             time.sleep(0.001)
@@ -120,11 +164,12 @@ def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_
     completed_count = done[0]
     stop.set()
     sched.stop()
+    cost = clearing_cost_us(sched, consumers) if market else {}
     stats = committer.stats
     committer.close()
     app.close()
     return {"lifecycles": completed_count, "seconds": elapsed, "per_s": completed_count / elapsed,
-            "errors": errors[0], "mean_batch": stats.commands / max(1, stats.batches)}
+            "errors": errors[0], "mean_batch": stats.commands / max(1, stats.batches), **cost}
 
 
 def _pg(schema_prefix: str) -> StoreConfig:
@@ -148,13 +193,15 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--inflight", type=int, default=2_000)
     ap.add_argument("--islands", type=int, default=200)
+    ap.add_argument("--no-market", action="store_true", help="no asks and no bids (every Job at the market rate)")
     args = ap.parse_args(argv)
+    market = not args.no_market
     results = {}
     for name, max_batch in (("group", 500), ("single", 1)):
         store = _pg("bench_lc")
         try:
             results[f"pg_{name}"] = r = run(store, seconds=args.seconds, inflight=args.inflight if max_batch > 1
-                                            else 64, islands=args.islands, max_batch=max_batch)
+                                            else 64, islands=args.islands, max_batch=max_batch, market=market)
         finally:
             _drop(store)
         print(f"PostgreSQL {name:>6}: {r['per_s']:8.0f} lifecycles/s  (mean batch {r['mean_batch']:.1f}, "
@@ -162,13 +209,18 @@ def main(argv: list[str]) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-lc-"))
     try:
         results["sqlite"] = r = run(StoreConfig(database_url=None, data_dir=tmp), seconds=args.seconds,
-                                    inflight=args.inflight, islands=args.islands, max_batch=500)
+                                    inflight=args.inflight, islands=args.islands, max_batch=500, market=market)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"SQLite     group: {r['per_s']:8.0f} lifecycles/s  (mean batch {r['mean_batch']:.1f})")
+    if market:
+        g = results["pg_group"]
+        print(f"clearing per Job: {g['clearing_us_per_job']:.2f} us (budget chain, refusal check, hold at the budget, "
+              f"clearing rate, price at it; loop alone {g['loop_us']:.2f} us)")
     return {"bench": "lifecycle", "ops_per_s": round(results["pg_group"]["per_s"]),
             "unit": "complete lifecycles/s on PostgreSQL",
             "baseline_ops_per_s": round(results["pg_single"]["per_s"]),
             "ratio": ratio(results["pg_group"]["per_s"], results["pg_single"]["per_s"]),
             "sqlite_ops_per_s": round(results["sqlite"]["per_s"]),
-            "errors": results["pg_group"]["errors"]}
+            "errors": results["pg_group"]["errors"], "market": market,
+            "clearing_us_per_job": results["pg_group"].get("clearing_us_per_job")}

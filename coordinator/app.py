@@ -26,10 +26,13 @@ from streams.memory import MemoryBroker
 from streams.publisher import CommitPublisher, job_stream_events
 from streams.redis import RedisStreamBroker, redis_client
 from api.consumer import consumer_router
+from api.market import market_router
 from api.errors import exception_handler
 from api.idempotency import IdempotencyMiddleware, IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
 from api.keys import KeyStore
+from api.hosts import hosts_handlers
 from api.openai_compat import openai_handlers
+from api.verification import verification_handlers
 from api.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from config.settings import Settings
 from api.services import ApiServices, ProjectionJobLister, _PositionTracker
@@ -122,7 +125,8 @@ def create_app(services: ApiServices, *, extra_handlers: Sequence[Any] = (), ope
         if path not in auth.OPEN_PATHS:
             auth.OPEN_PATHS = (*auth.OPEN_PATHS, path)
     return Litestar(
-        route_handlers=[consumer_router(services), *openai_handlers(services), *extra_handlers],
+        route_handlers=[consumer_router(services), market_router(services), *openai_handlers(services),
+                        *hosts_handlers(services), *verification_handlers(services), *extra_handlers],
         on_startup=list(on_startup),
         on_shutdown=list(on_shutdown),
         middleware=[DefineMiddleware(AuthMiddleware, authenticator=services.authenticator),

@@ -80,7 +80,7 @@ def cmd_islands_nats_credentials(c, args) -> int:
 def cmd_islands_list(c, args) -> int:
     """Every Island from the log (approval, online, karma, capabilities)."""
     from scheduler.dispatcher import ISLAND_TOPICS
-    from scheduler.islands import Island
+    from scheduler.islands import Island, rebased_milli
     from store.factory import iter_log
 
     rows: dict[str, dict[str, Any]] = {}
@@ -88,7 +88,10 @@ def cmd_islands_list(c, args) -> int:
         iid = str(ev.originator_id)
         if isinstance(ev, Island.Registered):
             rows[iid] = {"island_id": iid, "name": ev.name, "owner_account_id": ev.owner_account_id,
-                         "approval": ev.approval, "online": False, "karma_milli": 0,
+                         "approval": ev.approval, "online": False,
+                         "karma_legacy": getattr(ev, "karma_start_milli", None) is None,
+                         "karma_milli": rebased_milli(0) if getattr(ev, "karma_start_milli", None) is None
+                         else ev.karma_start_milli,
                          "region": ev.capabilities.get("region", "unknown"),
                          "cargos": list(ev.capabilities.get("cargos", ())), "slots": ev.capabilities.get("slots", 1)}
             continue
@@ -103,8 +106,12 @@ def cmd_islands_list(c, args) -> int:
             row["online"] = True
         elif isinstance(ev, Island.WentOffline):
             row["online"] = False
-        elif isinstance(ev, Island.KarmaChanged):
-            row["karma_milli"] = ev.karma_after_milli
+        elif isinstance(ev, Island.KarmaChanged):  # decision 0051: old-scale numbers shown rebased
+            if row["karma_legacy"] and not isinstance(ev, Island.KarmaRebased):
+                row["karma_milli"] = rebased_milli(ev.karma_after_milli)
+            else:
+                row["karma_legacy"] = False
+                row["karma_milli"] = ev.karma_after_milli
         elif isinstance(ev, Island.CapabilitiesChanged):
             row.update(region=ev.capabilities.get("region", "unknown"), cargos=list(ev.capabilities.get("cargos", ())),
                        slots=ev.capabilities.get("slots", 1))

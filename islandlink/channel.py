@@ -47,6 +47,7 @@ from islandlink.state import APPEND, NONE, ChannelState, MemoryChannelState, Red
 from scheduler import commands as cmd
 from scheduler.islands import Island
 from scheduler.jobs import ASSIGNED, RUNNING
+from scheduler.market import BadAsk
 from scheduler.registry import BadCapabilities, parse_capabilities
 from scheduler.service import hash_token
 
@@ -115,6 +116,7 @@ class Session:
     said_bye: bool = False
     closed_by_island: bool = False
     last_heartbeat: float = 0.0
+    last_asks: dict[str, str] | None = None  # the heartbeat's asking_prices last applied
     bad_messages: int = 0
     refusals: int = 0
     refusal_window: float = field(default_factory=time.monotonic)
@@ -346,7 +348,7 @@ class IslandChannel(LinkCore):
             reason = "said bye" if session.said_bye else "disconnected"
             try:
                 await self.c.committer.aexecute(lambda uow: cmd.set_island_online_in(
-                    uow, uuid.UUID(session.island_id), False, reason))
+                    uow, uuid.UUID(session.island_id), False, reason, self.config.karma))
             except Exception as exc:  # noqa: BLE001 - the missed-heartbeat check marks it offline anyway
                 log.warning("island_offline_not_recorded", island_id=session.island_id, error=repr(exc))
         log.info("island_disconnected", island_id=session.island_id, replaced=session.replaced,
@@ -423,6 +425,8 @@ class IslandChannel(LinkCore):
     async def _handle(self, s: Session, msg: Any) -> None:
         if isinstance(msg, p.Heartbeat):
             self._heartbeat(s, msg)
+            if msg.asking_prices is not None and msg.asking_prices != s.last_asks:
+                await self._asks(s, msg.asking_prices)
         elif isinstance(msg, p.Output):
             await self._output(s, msg)
         elif isinstance(msg, p.Progress):
@@ -451,6 +455,15 @@ class IslandChannel(LinkCore):
         self.heartbeat(s.island_id, 0 if msg.draining else msg.slots_total, msg.load_permille, msg.rtt_ms,
                        msg.warm_models)
         s.send(p.HeartbeatAck(seq=msg.seq, server_time_ms=self.clock_ms()))
+
+    async def _asks(self, s: Session, prices: dict[str, str]) -> None:
+        """The heartbeat's asking prices, applied when they differ from the last ones this
+        session applied (the scheduler writes `Island.AsksChanged` only on a real change)."""
+        s.last_asks = dict(prices)  # a bad map is refused once, not on every heartbeat
+        try:
+            await self.scheduler.aset_asking_prices(uuid.UUID(s.island_id), prices, by="island")
+        except BadAsk as exc:
+            raise _Refused("bad_asks", str(exc)[:300]) from None
 
     _command = LinkCore.command
 

@@ -631,20 +631,20 @@ class NatsLink(LinkCore):
                 log.info("island_capabilities_changed", transport="nats", island_id=h.host_id)
 
     async def _asks(self, h: _Host, prices: dict[str, str]) -> None:
-        """`asking_prices` into the exchange (Scheduler.set_asking_prices, when present)."""
-        setter = getattr(self.scheduler, "set_asking_prices", None)
-        if setter is None:
-            self.stats["asks_ignored"] += 1
-            return
+        """`asking_prices` into the exchange (`Scheduler.aset_asking_prices`, which writes
+        `Island.AsksChanged` only on a real change), when they changed since the last
+        heartbeat; a bad map is refused once, not on every heartbeat."""
+        from scheduler.market import BadAsk
+
         prices = {str(k)[:128]: str(v)[:32] for k, v in list(prices.items())[:64]}
         if h.last_asks == prices:
             return
-        h.last_asks = prices  # (the same bad asks are not retried either)
+        h.last_asks = prices
         try:
-            await asyncio.to_thread(setter, uuid.UUID(h.host_id), prices, by="island")
-            self.stats["asks_set"] += 1
-        except ValueError as exc:
-            self._refuse(h, "heartbeat", "", "bad_asks", str(getattr(exc, "errors", exc)))
+            if await self.scheduler.aset_asking_prices(uuid.UUID(h.host_id), prices, by="island"):
+                self.stats["asks_changed"] += 1
+        except BadAsk as exc:
+            self._refuse(h, "heartbeat", "", "bad_asks", str(exc)[:300])
 
     def serving(self, runtimes: list[str]) -> dict[str, Any]:
         """The Cargos (and their models) an agent with these runtimes can run."""

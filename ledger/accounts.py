@@ -19,6 +19,12 @@ HOLD_OPEN = "open"
 HOLD_POSTED = "posted"
 HOLD_RELEASED = "released"
 
+# The account's identity verification (KYC) state, as GET /api/v1/verification/status shows it.
+UNVERIFIED = "unverified"
+PENDING = "pending"
+VERIFIED = "verified"
+REJECTED = "rejected"
+
 
 class Hold:
     __slots__ = ("hold_id", "amount_micro", "reference", "expires_at_ms", "free_tier", "state", "posted_micro")
@@ -43,6 +49,9 @@ class Account(ChainedAggregate):
     def __init__(self, email: str, kyc_verified: bool) -> None:
         self.email = email
         self.kyc_verified = kyc_verified
+        self.verification = VERIFIED if kyc_verified else UNVERIFIED
+        self.verified_at = self.created_on if kyc_verified else None
+        self.verification_requested_at = None
         self.suspended = False
         self.spendable_micro = 0
         self.held_micro = 0
@@ -165,13 +174,39 @@ class Account(ChainedAggregate):
 
         def apply(self, acct: Account) -> None:
             acct.kyc_verified = True
+            acct.verification = VERIFIED
+            acct.verified_at = self.timestamp
 
     class KycRevoked(ChainedAggregate.Event):
+        """An operator withdrew a verified account's KYC: shown as `rejected`."""
+
         by: str
         reference: str
 
         def apply(self, acct: Account) -> None:
             acct.kyc_verified = False
+            acct.verification = REJECTED
+            acct.verified_at = None
+
+    class VerificationRequested(ChainedAggregate.Event):
+        """The account asked to be verified (POST /api/v1/verification/request): `pending`
+        until an operator verifies (`KycVerified`) or rejects (`VerificationRejected`)."""
+
+        by: str
+        note: str
+
+        def apply(self, acct: Account) -> None:
+            acct.verification = PENDING
+            acct.verification_requested_at = self.timestamp
+
+    class VerificationRejected(ChainedAggregate.Event):
+        """An operator refused a pending verification request."""
+
+        by: str
+        reference: str
+
+        def apply(self, acct: Account) -> None:
+            acct.verification = REJECTED
 
     class Suspended(ChainedAggregate.Event):
         by: str

@@ -24,6 +24,12 @@ class AccountExists(LedgerError):
     code = "account_exists"
 
 
+class AlreadyVerified(LedgerError):
+    """A verification request from an account that is verified already."""
+
+    code = "already_verified"
+
+
 class InsufficientCredits(LedgerError):
     """Spendable balance below the required amount; carries both numbers (micro-credits)."""
 

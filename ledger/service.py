@@ -13,9 +13,10 @@ from typing import Any
 from uuid import UUID, uuid5
 
 from ledger import names
-from ledger.accounts import HOLD_OPEN, HOLD_POSTED, HOLD_RELEASED, Account
+from ledger.accounts import HOLD_OPEN, HOLD_POSTED, HOLD_RELEASED, PENDING, Account
 from ledger.errors import (
     AccountExists,
+    AlreadyVerified,
     AccountSuspended,
     FreeTierExhausted,
     HoldAlreadyResolved,
@@ -275,11 +276,33 @@ def release_hold_in(uow: UnitOfWork, account_id: UUID, hold_id: str, reason: str
 
 
 def set_kyc_in(uow: UnitOfWork, account_id: UUID, verified: bool, *, by: str, reference: str) -> bool:
+    """An operator's KYC decision: verified, or not (a pending request is then rejected,
+    a verified account revoked). False (nothing written) if it already was so."""
     acct = load_account(uow, account_id)
+    ts = ms_to_datetime(uow.now_ms)
+    if not verified and not acct.kyc_verified:
+        if acct.verification != PENDING:
+            return False
+        acct.trigger_event(Account.VerificationRejected, by=_text(by, "by"), reference=_text(reference, "reference"),
+                           timestamp=ts)
+        return True
     if acct.kyc_verified == verified:
         return False
     acct.trigger_event(Account.KycVerified if verified else Account.KycRevoked, by=_text(by, "by"),
-                       reference=_text(reference, "reference"), timestamp=ms_to_datetime(uow.now_ms))
+                       reference=_text(reference, "reference"), timestamp=ts)
+    return True
+
+
+def request_verification_in(uow: UnitOfWork, account_id: UUID, *, by: str, note: str) -> bool:
+    """The account asks for verification: `pending` until an operator decides (set_kyc_in).
+    Refused when already verified; idempotent while pending (False: nothing written)."""
+    acct = load_account(uow, account_id)
+    if acct.kyc_verified:
+        raise AlreadyVerified("this account is already verified")
+    if acct.verification == PENDING:
+        return False
+    acct.trigger_event(Account.VerificationRequested, by=_text(by, "by"), note=_text(note, "note"),
+                       timestamp=ms_to_datetime(uow.now_ms))
     return True
 
 
@@ -347,6 +370,9 @@ class Ledger:
 
     def release_hold(self, account_id: UUID, hold_id: str, reason: str) -> int:
         return self.committer.execute(lambda uow: release_hold_in(uow, account_id, hold_id, reason))
+
+    def request_verification(self, account_id: UUID, *, by: str, note: str = "") -> bool:
+        return self.committer.execute(lambda uow: request_verification_in(uow, account_id, by=by, note=note))
 
     def set_kyc(self, account_id: UUID, verified: bool, *, by: str, reference: str) -> bool:
         return self.committer.execute(lambda uow: set_kyc_in(uow, account_id, verified, by=by, reference=reference))

@@ -12,8 +12,9 @@ def all_projections() -> list[Projection]:
     from projections.islands import IslandsProjection
     from projections.jobs import JobsProjection
     from projections.ledger import LedgerProjection
+    from projections.market import MarketProjection
 
-    return [JobsProjection(), IslandsProjection(), LedgerProjection()]
+    return [JobsProjection(), IslandsProjection(), LedgerProjection(), MarketProjection()]
 
 
 def projection_names() -> list[str]:

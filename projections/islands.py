@@ -17,8 +17,9 @@ import msgspec
 from eventsourcing.utils import get_topic
 
 from projections.engine import Projection, Work
+
 from projections.sql import INT, TEXT, Table
-from scheduler.islands import Island
+from scheduler.islands import Island, rebased_milli
 from scheduler.jobs import Job
 
 _json = msgspec.json.Encoder()
@@ -30,7 +31,8 @@ ISLANDS = Table(
      ("last_offline_at_ms", INT), ("offline_reason", TEXT), ("uptime_ms", INT), ("karma_milli", INT),
      ("jobs_ok", INT), ("jobs_failed", INT), ("missed_acks", INT), ("lapsed_leases", INT), ("jobs_started", INT),
      ("jobs_cancelled", INT), ("jobs_requeued", INT), ("running", INT), ("tokens_out", INT), ("compute_ms", INT),
-     ("tokens_per_s_milli", INT), ("earned_micro", INT), ("version", INT), ("position", INT)),
+     ("tokens_per_s_milli", INT), ("earned_micro", INT), ("karma_legacy", INT), ("version", INT),
+     ("position", INT)),
     key=("island_id",),
     indexes=(("owner_account_id",),),
 )
@@ -53,7 +55,7 @@ ISLAND_JOBS = Table(
 
 class IslandsProjection(Projection):
     name = "islands"
-    version = 1
+    version = 2  # 2: karma on the 0..100 scale, old-scale Islands shown rebased (decision 0051)
     tables = (ISLANDS, KARMA_HISTORY, ISLAND_JOBS)
 
     def handlers(self):
@@ -62,6 +64,7 @@ class IslandsProjection(Projection):
                 get_topic(I.Suspended): self.on_suspended, get_topic(I.CapabilitiesChanged): self.on_capabilities,
                 get_topic(I.WentOnline): self.on_online, get_topic(I.WentOffline): self.on_offline,
                 get_topic(I.KarmaChanged): self.on_karma, get_topic(I.KarmaAdjusted): self.on_karma,
+                get_topic(I.KarmaRebased): self.on_karma,
                 get_topic(J.Started): self.on_job_started, get_topic(J.Completed): self.on_job_completed,
                 get_topic(J.Failed): self.on_job_ended, get_topic(J.Cancelled): self.on_job_cancelled,
                 get_topic(J.Requeued): self.on_job_requeued}
@@ -83,10 +86,12 @@ class IslandsProjection(Projection):
             "island_id": oid, "owner_account_id": st["owner_account_id"], "name": st["name"],
             "approval": st["approval"], "online": 0, "capabilities": _json.encode(st["capabilities"]).decode(),
             "registered_at_ms": ms, "online_since_ms": None, "last_online_at_ms": None,
-            "last_offline_at_ms": None, "offline_reason": None, "uptime_ms": 0, "karma_milli": 0, "jobs_ok": 0,
-            "jobs_failed": 0, "missed_acks": 0, "lapsed_leases": 0, "jobs_started": 0, "jobs_cancelled": 0,
-            "jobs_requeued": 0, "running": 0, "tokens_out": 0, "compute_ms": 0, "tokens_per_s_milli": 0,
-            "earned_micro": 0, "version": version, "position": pos})
+            "last_offline_at_ms": None, "offline_reason": None, "uptime_ms": 0,
+            "karma_milli": rebased_milli(0) if st.get("karma_start_milli") is None else st["karma_start_milli"],
+            "jobs_ok": 0, "jobs_failed": 0, "missed_acks": 0, "lapsed_leases": 0, "jobs_started": 0,
+            "jobs_cancelled": 0, "jobs_requeued": 0, "running": 0, "tokens_out": 0, "compute_ms": 0,
+            "tokens_per_s_milli": 0, "earned_micro": 0, "karma_legacy": int(st.get("karma_start_milli") is None),
+            "version": version, "position": pos})
 
     def on_approved(self, w, pos, oid, version, st, ms) -> None:
         row = self._island(w, oid, pos, version)
@@ -126,7 +131,13 @@ class IslandsProjection(Projection):
         if row is None:
             return
         reason = st["reason"]
-        row["karma_milli"] = st["karma_after_milli"]
+        # decision 0051: an old-scale Island's numbers are shown rebased until its rebase event
+        if row["karma_legacy"] and reason != "rebase_0_100":
+            after = rebased_milli(st["karma_after_milli"])
+        else:
+            row["karma_legacy"] = 0
+            after = st["karma_after_milli"]
+        row["karma_milli"] = after
         if reason == "completed":
             row["jobs_ok"] += 1
         elif reason == "failure":
@@ -136,8 +147,8 @@ class IslandsProjection(Projection):
             row["lapsed_leases"] += 1
         elif reason == "missed_ack":
             row["missed_acks"] += 1
-        w["proj_karma_history"].append((oid, pos, ms, st["delta_milli"], reason, st["karma_after_milli"],
-                                        st["job_id"], st["compute_ms"]))
+        w["proj_karma_history"].append((oid, pos, ms, st["delta_milli"], reason, after, st["job_id"],
+                                        st["compute_ms"]))
 
     # ------------------------------------------------------------ Job events
     def on_job_started(self, w, pos, oid, version, st, ms) -> None:

@@ -35,7 +35,8 @@ JOBS = Table(
      ("island_id", TEXT), ("owner_account_id", TEXT), ("usage", TEXT), ("hold_micro", INT), ("charged_micro", INT),
      ("earning_micro", INT), ("fee_micro", INT), ("tokens_per_s_milli", INT), ("compute_ms", INT),
      ("parent_id", TEXT), ("batch_index", INT), ("attempts", INT), ("offers", INT), ("score", TEXT),
-     ("version", INT), ("position", INT)),
+     ("budget_micro", INT), ("budget_source", TEXT), ("clearing_micro", INT), ("ask_micro", INT),
+     ("surge_permille", INT), ("version", INT), ("position", INT)),
     key=("job_id",),
     indexes=(("account_id", "created_at_ms DESC", "job_id DESC"), ("parent_id", "batch_index")),
 )
@@ -55,7 +56,7 @@ def _enc(value: Any) -> str | None:
 
 class JobsProjection(Projection):
     name = "jobs"
-    version = 1
+    version = 2  # 2: the market's budget and clearing columns (#13)
     tables = (JOBS, QUEUE_DEPTH)
 
     def handlers(self):
@@ -95,7 +96,9 @@ class JobsProjection(Projection):
                "completed_at_ms": None, "updated_at_ms": ms, "island_id": "", "owner_account_id": "",
                "usage": None, "hold_micro": st["hold_micro"], "charged_micro": 0, "earning_micro": 0,
                "fee_micro": 0, "tokens_per_s_milli": 0, "compute_ms": 0, "parent_id": st["parent_id"],
-               "batch_index": st["batch_index"], "attempts": 0, "offers": 0, "score": None, "version": version,
+               "batch_index": st["batch_index"], "attempts": 0, "offers": 0, "score": None,
+               "budget_micro": st.get("budget_micro", 0), "budget_source": st.get("budget_source", ""),
+               "clearing_micro": -1, "ask_micro": -1, "surge_permille": 1000, "version": version,
                "position": pos}
         w["proj_jobs"].put(oid, row)
         depth = w.tables["proj_queue_depth"]
@@ -116,6 +119,9 @@ class JobsProjection(Projection):
         row["owner_account_id"] = st["owner_account_id"]
         row["offers"] += 1
         row["score"] = _enc(st["score"])
+        row["clearing_micro"] = st.get("clearing_micro", -1)
+        row["ask_micro"] = st.get("ask_micro", -1)
+        row["surge_permille"] = st.get("surge_permille", 1000)
 
     def on_declined(self, w, pos, oid, version, st, ms) -> None:
         row = self._job(w, oid)
@@ -124,6 +130,7 @@ class JobsProjection(Projection):
         self._move(w, row, "queued", pos, version, ms)
         row["island_id"] = ""
         row["owner_account_id"] = ""
+        row["clearing_micro"], row["ask_micro"], row["surge_permille"] = -1, -1, 1000
 
     def on_started(self, w, pos, oid, version, st, ms) -> None:
         row = self._job(w, oid)
@@ -141,6 +148,7 @@ class JobsProjection(Projection):
         row["island_id"] = ""
         row["owner_account_id"] = ""
         row["started_at_ms"] = None
+        row["clearing_micro"], row["ask_micro"], row["surge_permille"] = -1, -1, 1000
 
     def on_completed(self, w, pos, oid, version, st, ms) -> None:
         row = self._job(w, oid)
@@ -212,13 +220,16 @@ def job_row_to_dict(row: tuple) -> dict[str, Any]:
         "tokens_per_s_milli": r["tokens_per_s_milli"], "compute_ms": r["compute_ms"], "parent_id": r["parent_id"],
         "batch_index": r["batch_index"], "attempts": r["attempts"], "offers": r["offers"],
         "score": _unjson.decode(r["score"]) if r["score"] is not None else None,
+        "budget_micro": r["budget_micro"], "budget_source": r["budget_source"],
+        "clearing_micro": r["clearing_micro"], "ask_micro": r["ask_micro"], "surge_permille": r["surge_permille"],
         "version": r["version"], "position": r["position"],
     }
 
 
 JOBVIEW_FIELDS = ("id", "account_id", "cargo", "cargo_id", "kind", "model", "status", "input", "output", "error",
                   "created_at", "started_at", "completed_at", "usage", "hold_micro", "charged_micro", "island_id",
-                  "tokens_per_s_milli", "compute_ms", "parent_id", "batch_index", "attempts", "score")
+                  "tokens_per_s_milli", "compute_ms", "parent_id", "batch_index", "attempts", "score",
+                  "budget_micro", "budget_source", "clearing_micro", "ask_micro", "surge_permille")
 
 
 def as_jobview_kwargs(job: dict[str, Any]) -> dict[str, Any]:

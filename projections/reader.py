@@ -293,16 +293,16 @@ class ReadModels:
         params += [limit, offset]
         return [self._island_dict(r, now_ms) for r in self._q(sql, params)]
 
-    def karma_history(self, island_id: str, *, limit: int = 100,
-                      before_position: int | None = None) -> list[dict[str, Any]]:
-        """Karma changes of an Island, newest first."""
+    def karma_history(self, island_id: str, *, limit: int = 100, before_position: int | None = None,
+                      offset: int = 0) -> list[dict[str, Any]]:
+        """Karma changes of an Island, newest first (`offset` rows skipped)."""
         sql = f"SELECT {', '.join(KARMA_HISTORY.column_names)} FROM proj_karma_history WHERE island_id = ?"
         params: list[Any] = [str(island_id)]
         if before_position is not None:
             sql += " AND position < ?"
             params.append(before_position)
-        sql += " ORDER BY position DESC LIMIT ?"
-        params.append(limit)
+        sql += " ORDER BY position DESC LIMIT ? OFFSET ?"
+        params.extend((limit, offset))
         return _dicts(KARMA_HISTORY, self._q(sql, params))
 
     def island_running_jobs(self, island_id: str) -> list[str]:

@@ -124,6 +124,9 @@ class Heartbeat(_Msg, tag="heartbeat", kw_only=True):
     rtt_ms: int | None = None
     draining: bool = False
     running: list[str] = []
+    # The Island's asking prices, slug | "_default" -> decimal string of credits per the
+    # Cargo's billing unit (docs/EXCHANGE.md); applied only when it changed.
+    asking_prices: dict[str, str] | None = None
 
 
 class Accept(_Msg, tag="accept", kw_only=True):

@@ -3,16 +3,25 @@
 Each function returns the DELTA to record in a karma event (with its reason); the
 scheduler applies it. Nothing here reads a clock or keeps state.
 
+Karma is on the network's 0..100 scale (decision 0051): the rules before it (start 0,
+floor -100, no ceiling) are moved up by ``LEGACY_OFFSET_MILLI`` = 50 karma, so every
+threshold keeps its distance from the start and routing ranks Islands as before.
+
 Rules (defaults of ``KarmaRates``):
 
-- start at 0;
+- a new Island starts at 50;
 - completed work earns 1 karma per 60 compute-minutes (1000 milli per 3,600,000 ms),
-  at 1.5x while karma is below 10 karma (the newcomer boost); the boost applies per
+  at 1.5x while karma is below 60 karma (the newcomer boost); the boost applies per
   compute-millisecond, so a Job that crosses the threshold is boosted only up to it;
+- latency against what the Island reported: a chat Job that ran more than
+  ``slow_factor`` times longer than the Island's reported `tokens_per_s` allows costs
+  0.25 karma (reason `slow`); an Island that reports no speed is not judged;
+- uptime: a closed online interval earns 1 karma per 24 online hours (reason `uptime`),
+  written when the Island goes offline;
 - failure that is the Island's fault: -0.5 karma; missed ack: -0.25; lapsed lease: -0.5;
-- karma never goes below the floor, -100 karma (penalties are cut short at the floor);
-  there is no ceiling (the routing score saturates instead);
-- 10 karma or more unlocks withdrawal of earnings.
+- karma stays within [0, 100]: penalties are cut short at the floor (0), earning at the
+  ceiling (100, where the carry is dropped);
+- 60 karma or more unlocks withdrawal of earnings.
 
 Exactness. Earning is a rational rate (e.g. 1000/3,600,000 milli per ms), so a Job rarely
 earns a whole number of milli. The remainder is carried, not dropped: ``for_completed``
@@ -26,6 +35,7 @@ within +-1 milli but bit-identical, as long as the caller persists ``carry`` per
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import NamedTuple
 
 import msgspec
@@ -35,30 +45,43 @@ REASON_FAILURE = "failure"
 REASON_MISSED_ACK = "missed_ack"
 REASON_LAPSED_LEASE = "lapsed_lease"
 REASON_OPERATOR = "operator_adjustment"  # decision 0041: the way back below a Cargo's gate
-MAX_ADJUST_MILLI = 1_000_000  # an operator's adjustment moves karma by at most 1,000 karma
+REASON_SLOW = "slow"  # ran much slower than the Island's reported speed
+REASON_UPTIME = "uptime"  # a closed online interval
+REASON_REBASE = "rebase_0_100"  # decision 0051: a recorded old-scale Island moved onto 0..100
+MAX_ADJUST_MILLI = 100_000  # an operator's adjustment moves karma by at most the whole scale
+SCALE_MIN_MILLI = 0
+SCALE_MAX_MILLI = 100_000
+START_MILLI = 50_000
+LEGACY_OFFSET_MILLI = 50_000  # old scale (start 0) + this = the 0..100 scale
 _KARMA_TEXT = re.compile(r"-?[0-9]{1,7}(\.[0-9]{1,3})?")
 
 
 class KarmaRates(msgspec.Struct, frozen=True, kw_only=True):
     """Karma rules; every amount is in milli-karma, every duration in milliseconds."""
 
-    start_milli: int = 0
+    start_milli: int = START_MILLI
     earn_milli: int = 1_000  # earned per `earn_per_compute_ms` of compute ...
     earn_per_compute_ms: int = 3_600_000  # ... i.e. 1 karma per 60 compute-minutes
-    boost_below_milli: int = 10_000  # newcomer boost while karma < this
+    boost_below_milli: int = 60_000  # newcomer boost while karma < this
     boost_num: int = 3  # boost factor = boost_num / boost_den = 1.5x
     boost_den: int = 2
     failure_milli: int = 500
     missed_ack_milli: int = 250
     lapsed_lease_milli: int = 500
-    floor_milli: int = -100_000
-    withdraw_min_milli: int = 10_000
+    slow_milli: int = 250
+    slow_factor: int = 2  # slower than this many times the reported speed allows: `slow`
+    uptime_milli: int = 1_000  # earned per `uptime_per_ms` online ...
+    uptime_per_ms: int = 86_400_000  # ... i.e. 1 karma per 24 online hours
+    floor_milli: int = SCALE_MIN_MILLI
+    ceiling_milli: int = SCALE_MAX_MILLI
+    withdraw_min_milli: int = 60_000
 
     def __post_init__(self) -> None:
         assert self.earn_milli >= 0 and self.earn_per_compute_ms > 0
         assert self.boost_num >= 0 and self.boost_den > 0
-        assert min(self.failure_milli, self.missed_ack_milli, self.lapsed_lease_milli) >= 0
-        assert self.floor_milli <= self.start_milli
+        assert min(self.failure_milli, self.missed_ack_milli, self.lapsed_lease_milli, self.slow_milli) >= 0
+        assert self.uptime_milli >= 0 and self.uptime_per_ms > 0 and self.slow_factor >= 1
+        assert self.floor_milli <= self.start_milli <= self.ceiling_milli
 
     @property
     def units_per_milli(self) -> int:
@@ -110,6 +133,8 @@ def for_completed(karma_milli: int, compute_ms: int, rates: KarmaRates = DEFAULT
     state += remaining_ms * rates.normal_units_per_ms
     new_milli, new_carry = divmod(state, per_milli)
     assert new_milli >= karma_milli and 0 <= new_carry < per_milli
+    if new_milli >= rates.ceiling_milli:  # cannot pass the ceiling; nothing to carry there
+        return Accrual(max(0, rates.ceiling_milli - karma_milli), 0 if karma_milli < rates.ceiling_milli else carry)
     return Accrual(new_milli - karma_milli, new_carry)
 
 
@@ -133,16 +158,52 @@ def for_lapsed_lease(karma_milli: int, rates: KarmaRates = DEFAULT_RATES) -> int
     return _penalty(karma_milli, rates.lapsed_lease_milli, rates)
 
 
+def for_slow(karma_milli: int, rates: KarmaRates = DEFAULT_RATES) -> int:
+    """Delta for a Job that ran much slower than the Island's reported speed."""
+    return _penalty(karma_milli, rates.slow_milli, rates)
+
+
+def is_slow(tokens: int, ran_ms: int, reported_tokens_per_s: int, rates: KarmaRates = DEFAULT_RATES) -> bool:
+    """Whether `tokens` in `ran_ms` is more than `slow_factor` times slower than the
+    reported speed allows (integers only: tokens * 1000 * factor < ran_ms * speed ...
+    rearranged so nothing is divided). No reported speed, no tokens: never slow."""
+    if reported_tokens_per_s <= 0 or tokens <= 0 or ran_ms <= 0:
+        return False
+    allowed_ms_x_speed = tokens * 1000 * rates.slow_factor  # = allowed_ms * reported speed
+    return ran_ms * reported_tokens_per_s > allowed_ms_x_speed
+
+
+def for_uptime(karma_milli: int, online_ms: int, rates: KarmaRates = DEFAULT_RATES) -> int:
+    """Delta for a closed online interval of `online_ms` (whole milli only, up to the ceiling)."""
+    if online_ms <= 0:
+        return 0
+    earned = online_ms * rates.uptime_milli // rates.uptime_per_ms
+    return max(0, min(earned, rates.ceiling_milli - karma_milli))
+
+
+def rebased_milli(old_scale_milli: int) -> int:
+    """Decision 0051: karma recorded on the old scale (start 0, floor -100, no ceiling)
+    shown on the 0..100 scale: moved up by 50 karma, then held within [0, 100]."""
+    return max(SCALE_MIN_MILLI, min(SCALE_MAX_MILLI, old_scale_milli + LEGACY_OFFSET_MILLI))
+
+
+def score_of(karma_milli: int) -> Decimal:
+    """The published `karma_score` (a JSON number, 0..100) from milli-karma."""
+    return Decimal(max(SCALE_MIN_MILLI, min(SCALE_MAX_MILLI, karma_milli))) / 1000
+
+
 def can_withdraw(karma_milli: int, rates: KarmaRates = DEFAULT_RATES) -> bool:
     """Whether the Island's owner may withdraw earnings."""
     return karma_milli >= rates.withdraw_min_milli
 
 
 def for_adjustment(karma_milli: int, delta_milli: int, rates: KarmaRates = DEFAULT_RATES) -> int:
-    """The delta an operator's adjustment of ``delta_milli`` applies: the same floor as
-    every penalty (no ceiling, like earning). 0 means nothing would change."""
+    """The delta an operator's adjustment of ``delta_milli`` applies: held within the
+    floor and the ceiling like every change. 0 means nothing would change."""
     assert abs(delta_milli) <= MAX_ADJUST_MILLI, delta_milli
-    return max(delta_milli, rates.floor_milli - karma_milli) if delta_milli < 0 else delta_milli
+    if delta_milli < 0:
+        return min(0, max(delta_milli, rates.floor_milli - karma_milli))
+    return max(0, min(delta_milli, rates.ceiling_milli - karma_milli))
 
 
 def parse_karma_milli(value: object) -> int:

@@ -4,6 +4,7 @@ Each component is a bounded, monotone function of one Island property, multiplie
 weight (``types.Weights``):
 
     karma       w.karma      * k / (|k| + karma_ref_milli)          in (-1, 1), rises with karma
+                (k = karma_milli - karma_mid_milli: centred on a new Island's 50, decision 0051)
     latency     w.latency    * ref / (ref + latency_ms)             in (0, 1], falls with latency
     load        w.load       * (1000 - load_permille) / 1000        in [0, 1], falls with load
     price       w.price      * ref / (ref + ask_micro[cargo])       in (0, 1], falls with the ask
@@ -27,7 +28,7 @@ from routing.types import IslandView, JobNeeds, ScoreBreakdown, Weights
 
 def components(island: IslandView, cargo: str, weights: Weights) -> tuple[float, float, float, float]:
     """Weighted (karma, latency, load, price) contributions for this Island and Cargo."""
-    karma = island.karma_milli
+    karma = island.karma_milli - weights.karma_mid_milli
     karma_part = weights.karma * (karma / (abs(karma) + weights.karma_ref_milli))
     latency_ref = weights.latency_ref_ms
     latency_part = weights.latency * (latency_ref / (latency_ref + island.latency_ms))

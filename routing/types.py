@@ -113,7 +113,8 @@ class Weights(msgspec.Struct, frozen=True, kw_only=True):
     load: float = 1.0
     warm_model: float = 1.0
     price: float = 0.5
-    karma_ref_milli: int = 10_000  # karma at which the karma component is 0.5
+    karma_ref_milli: int = 10_000  # karma above the mid at which the karma component is 0.5
+    karma_mid_milli: int = 50_000  # karma scoring 0: a new Island's start on the 0..100 scale (decision 0051)
     latency_ref_ms: int = 50  # latency at which the latency component is 0.5
     price_ref_micro: int = 5_000_000  # ask at which the price component is 0.5
 

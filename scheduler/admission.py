@@ -7,6 +7,7 @@ transaction as `JobSubmitted`; its ledger errors map to the same refusal reasons
 
 from __future__ import annotations
 
+
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -14,9 +15,9 @@ from typing import Any
 import msgspec
 
 from ledger import errors as lerr
-from ledger.pricing import credits_to_micro
 from scheduler.cargo import Cargo
 from scheduler.catalog import Catalog
+from scheduler.market import BadPrice, parse_price_micro
 from scheduler.validation import ChatInput, ImageInput, InvalidInput, validate_input, worst_case_micro
 
 INVALID_INPUT = "invalid_input"
@@ -28,8 +29,9 @@ INSUFFICIENT_CREDITS = "insufficient_credits"
 ACCOUNT_SUSPENDED = "account_suspended"
 UNKNOWN_ACCOUNT = "unknown_account"
 QUEUE_FULL = "queue_full"
+NO_ISLAND_WITHIN_BUDGET = "no_island_within_budget"
 REASONS = (INVALID_INPUT, UNKNOWN_CARGO, CARGO_DISABLED, KYC_REQUIRED, FREE_TIER_EXHAUSTED, INSUFFICIENT_CREDITS,
-           ACCOUNT_SUSPENDED, UNKNOWN_ACCOUNT, QUEUE_FULL)
+           ACCOUNT_SUSPENDED, UNKNOWN_ACCOUNT, QUEUE_FULL, NO_ISLAND_WITHIN_BUDGET)
 
 MAX_REGIONS = 16
 MAX_PREF_TEXT = 64
@@ -40,7 +42,8 @@ class AdmissionRefused(Exception):
 
     def __init__(self, reason: str, message: str, *, errors: dict[str, list[str]] | None = None,
                  required_micro: int | None = None, available_micro: int | None = None,
-                 too_large: bool = False) -> None:
+                 too_large: bool = False, rate_micro: int | None = None, budget_micro: int | None = None,
+                 budget_source: str | None = None) -> None:
         assert reason in REASONS, reason
         super().__init__(message)
         self.reason = reason
@@ -49,6 +52,9 @@ class AdmissionRefused(Exception):
         self.required_micro = required_micro
         self.available_micro = available_micro
         self.too_large = too_large
+        self.rate_micro = rate_micro  # no_island_within_budget: the Cargo's current market rate
+        self.budget_micro = budget_micro
+        self.budget_source = budget_source
 
 
 @dataclass(frozen=True)
@@ -94,10 +100,8 @@ def parse_prefs(raw: dict[str, Any] | None) -> dict[str, Any]:
     bid = raw.get("bid_price")
     if bid is not None:
         try:
-            if isinstance(bid, float):
-                raise TypeError("bid_price must be a decimal string, not a float")
-            out["bid_micro"] = credits_to_micro(bid if isinstance(bid, str) else int(bid))
-        except (TypeError, ValueError) as exc:
+            out["bid_micro"] = parse_price_micro(bid)
+        except BadPrice as exc:
             errors.setdefault("bid_price", []).append(str(exc))
     if errors:
         raise InvalidInput(errors)

@@ -25,6 +25,7 @@ from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig
 from scheduler.validation import ChatInput, prompt_tokens_estimate
 from scheduler.islands import APPROVED, Island
+from scheduler.market import SURGE_ID, BidPreferences, Budget, Surge, bids_id, clearing_micro, price_at_rate
 from scheduler.jobs import (
     ASSIGNED,
     PENDING,
@@ -125,7 +126,7 @@ def _own(job: Job, island_id: str, statuses: frozenset[str], action: str) -> Non
 # ----------------------------------------------------------------- consumer side
 def submit_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConfig, job_id: UUID,
               account_id: UUID, admitted: Admitted, *, parent_id: str = "", batch_index: int = -1,
-              pending: bool = False, idem_fp: str = "") -> Job:
+              pending: bool = False, idem_fp: str = "", budget: Budget | None = None) -> Job:
     """`JobSubmitted` and the consumer's hold, one atomic save. The hold lives long
     enough for the queue wait and every attempt; the sweeper releases it if all else fails."""
     # A fresh random id cannot exist (the insert's uniqueness would catch it anyway); only
@@ -140,13 +141,16 @@ def submit_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConf
         + ledger_config.hold_ttl_ms
     cargo = admitted.cargo
     job_key = str(job_id)
-    place_hold_in(uow, ledger_config, account_id, job_key, admitted.hold_micro, reference=f"job:{job_key}",
+    hold = budget.hold_micro if budget is not None else admitted.hold_micro
+    place_hold_in(uow, ledger_config, account_id, job_key, hold, reference=f"job:{job_key}",
                   expires_at_ms=expires, requires_kyc=cargo.requires_kyc, free_tier_allowed=cargo.free_tier)
+    market = {"budget_micro": budget.budget_micro, "budget_source": budget.source,
+              "list_rate_micro": budget.list_rate_micro} if budget is not None else {}
     job = Job._create(Job.Submitted, id=job_id, account_id=account_key, cargo=cargo.slug, cargo_id=cargo.id,
                       kind=cargo.kind, model=admitted.model, input=admitted.input_dict, prefs=admitted.prefs,
-                      hold_micro=admitted.hold_micro, max_attempts=sched.max_attempts,
+                      hold_micro=hold, max_attempts=sched.max_attempts,
                       status=PENDING if pending else QUEUED, parent_id=parent_id, batch_index=batch_index,
-                      idem_fp=idem_fp, timestamp=_ts(uow))
+                      idem_fp=idem_fp, timestamp=_ts(uow), **market)
     uow.add(job)
     return job
 
@@ -174,7 +178,8 @@ def cancel_in(uow: UnitOfWork, ledger_config: LedgerConfig, catalog: Catalog, jo
         cargo = catalog.by_slug(job.cargo)
         assert isinstance(cargo.pricing, ChatPricing)
         prompt = prompt_tokens_estimate(msgspec.convert(job.input, ChatInput))
-        charged = partial_chat_price_micro(cargo.pricing, prompt, delivered_tokens, job.hold_micro)
+        partial = partial_chat_price_micro(cargo.pricing, prompt, delivered_tokens, 2**62)
+        charged = min(_at_clearing(job, partial), job.hold_micro)
         usage = {"prompt_tokens": prompt, "completion_tokens": delivered_tokens,
                  "total_tokens": prompt + delivered_tokens}
     stage = job.status
@@ -202,14 +207,62 @@ def _created_ms(job: Job) -> int:
 
 # ----------------------------------------------------------------- dispatcher side
 def assign_in(uow: UnitOfWork, job_id: UUID, island_id: str, owner_account_id: str, ack_deadline_ms: int,
-              score: dict, candidates: int) -> Job:
+              score: dict, candidates: int, *, ask_micro: int = -1, surge_permille: int = 1000) -> Job:
+    """Offer the Job to an Island. Under the exchange (a Job with a budget) the clearing
+    rate is computed here from the Island's ask and the surge, never above the budget."""
     job = load_job(uow, job_id)
     job.require(_ONLY_QUEUED, "assign")
     if island_id in job.excluded:
         raise IllegalTransition(job_id, job.status, f"assign to excluded island {island_id}")
+    market: dict = {}
+    if job.budget_source and ask_micro >= 0:
+        if ask_micro > job.budget_micro:
+            raise IllegalTransition(job_id, job.status, f"assign to island {island_id} asking above the budget")
+        market = {"ask_micro": ask_micro, "surge_permille": surge_permille,
+                  "clearing_micro": clearing_micro(ask_micro, surge_permille, job.budget_micro), "cargo": job.cargo}
     job.trigger_event(Job.Assigned, island_id=island_id, owner_account_id=owner_account_id,
-                      ack_deadline_ms=ack_deadline_ms, score=score, candidates=candidates, timestamp=_ts(uow))
+                      ack_deadline_ms=ack_deadline_ms, score=score, candidates=candidates, timestamp=_ts(uow),
+                      **market)
     return job
+
+
+def rebase_karma_in(uow: UnitOfWork, island: Island) -> None:
+    """Decision 0051: move an Island recorded on the old karma scale onto 0..100 (one
+    `KarmaRebased`, written before its first change under the new rules)."""
+    if not island.karma_legacy:
+        return
+    before = island.karma_milli
+    after = karma_rules.rebased_milli(before)
+    island.trigger_event(Island.KarmaRebased, delta_milli=after - before, reason=karma_rules.REASON_REBASE,
+                         job_id="", karma_after_milli=after, carry=island.karma_carry, compute_ms=0,
+                         timestamp=_ts(uow))
+
+
+def _karma_change(uow: UnitOfWork, island: Island, delta: int, reason: str, job_id: str, carry: int,
+                  compute_ms: int) -> None:
+    island.trigger_event(Island.KarmaChanged, delta_milli=delta, reason=reason, job_id=job_id,
+                         karma_after_milli=island.karma_milli + delta, carry=carry, compute_ms=compute_ms,
+                         timestamp=_ts(uow))
+
+
+def _slow_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island: Island, job: Job, tokens: int) -> None:
+    """Latency against what the Island reported: `capabilities.tokens_per_s` (an integer)
+    against the coordinator's own clock from `Job.Started` to now."""
+    reported = island.capabilities.get("tokens_per_s") if isinstance(island.capabilities, dict) else None
+    if not isinstance(reported, int) or isinstance(reported, bool) or job.started_at is None:
+        return
+    ran_ms = uow.now_ms - datetime_to_ms(job.started_at)
+    if karma_rules.is_slow(tokens, ran_ms, reported, rates):
+        delta = karma_rules.for_slow(island.karma_milli, rates)
+        _karma_change(uow, island, delta, karma_rules.REASON_SLOW, str(job.id), island.karma_carry, 0)
+
+
+def _at_clearing(job: Job, list_price_micro: int) -> int:
+    """A list price scaled to the Job's clearing rate (unchanged for a Job priced before
+    the exchange, or one never assigned under it)."""
+    if job.clearing_micro < 0 or not job.budget_source:
+        return list_price_micro
+    return price_at_rate(list_price_micro, job.clearing_micro, job.list_rate_micro)
 
 
 def _karma_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island_id: str, reason: str, job_id: UUID,
@@ -218,6 +271,7 @@ def _karma_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island_id: str, re
         island = load_island(uow, uuid_of(island_id))
     except (NotYourJob, ValueError):
         return 0
+    rebase_karma_in(uow, island)
     carry = island.karma_carry
     if reason == karma_rules.REASON_COMPLETED:
         delta, carry = karma_rules.for_completed(island.karma_milli, compute_ms, rates, island.karma_carry)
@@ -313,13 +367,19 @@ def complete_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerCo
     else:
         price = image_price_micro(cargo.pricing, job.input["width"], job.input["height"], job.input["steps"])
         tps = 0
-    charged = settlement_micro(price, job.hold_micro)
+    charged = settlement_micro(_at_clearing(job, price), job.hold_micro)
     post = post_hold_in(uow, ledger_config, uuid_of(job.account_id), str(job_id), charged, job.owner_account_id)
     _karma_in(uow, sched.karma, island_id, karma_rules.REASON_COMPLETED, job_id, compute_ms)
+    if job.kind == "chat":
+        try:
+            _slow_in(uow, sched.karma, load_island(uow, uuid_of(island_id)), job, clean["completion_tokens"])
+        except (NotYourJob, ValueError):
+            pass
     clean["credits_used_micro"] = charged
+    market = {"list_price_micro": price, "clearing_micro": job.clearing_micro} if job.budget_source else {}
     job.trigger_event(Job.Completed, usage=clean, output=output, charged_micro=charged,
                       earning_micro=post.earning_micro, fee_micro=post.fee_micro, compute_ms=compute_ms,
-                      tokens_per_s_milli=tps, timestamp=_ts(uow))
+                      tokens_per_s_milli=tps, timestamp=_ts(uow), **market)
     return job
 
 
@@ -351,7 +411,8 @@ def register_island_in(uow: UnitOfWork, sched: SchedulerConfig, island_id: UUID,
         raise IslandExists(f"island {island_id} exists")
     approval = APPROVED if (approve or sched.auto_approve_islands) else "pending"
     island = Island._create(Island.Registered, id=island_id, owner_account_id=str(owner_account_id), name=name,
-                            token_hash=token_hash, capabilities=capabilities, approval=approval, timestamp=_ts(uow))
+                            token_hash=token_hash, capabilities=capabilities, approval=approval,
+                            karma_start_milli=sched.karma.start_milli, timestamp=_ts(uow))
     uow.add(island)
     return island
 
@@ -374,14 +435,17 @@ def adjust_karma_in(uow: UnitOfWork, rates: karma_rules.KarmaRates, island_id: U
     if not by or not reason or len(by) > 64 or len(reason) > 500:
         raise BadKarmaAdjustment("an adjustment needs who (at most 64 characters) and why (at most 500)")
     island = load_island(uow, island_id)
-    before = island.karma_milli
+    before = island.karma_shown_milli
     applied = karma_rules.for_adjustment(before, delta_milli, rates)
     if applied == 0:
-        raise BadKarmaAdjustment(f"karma is at the floor ({rates.floor_milli / 1000:g}): nothing to take")
+        edge = "floor" if delta_milli < 0 else "ceiling"
+        value = rates.floor_milli if delta_milli < 0 else rates.ceiling_milli
+        raise BadKarmaAdjustment(f"karma is at the {edge} ({value / 1000:g}): nothing to change")
+    rebase_karma_in(uow, island)
     island.trigger_event(Island.KarmaAdjusted, delta_milli=applied, reason=karma_rules.REASON_OPERATOR, job_id="",
                          karma_after_milli=before + applied, carry=island.karma_carry, compute_ms=0, by=by,
                          note=reason, timestamp=_ts(uow))
-    assert island.karma_milli == before + applied >= rates.floor_milli
+    assert rates.floor_milli <= island.karma_milli == before + applied <= rates.ceiling_milli
     return KarmaAdjustment(before, island.karma_milli)
 
 
@@ -403,12 +467,20 @@ def set_island_draining_in(uow: UnitOfWork, island_id: UUID, draining: bool, *, 
     return True
 
 
-def set_island_online_in(uow: UnitOfWork, island_id: UUID, online: bool, reason: str = "") -> Island:
+def set_island_online_in(uow: UnitOfWork, island_id: UUID, online: bool, reason: str = "",
+                         rates: karma_rules.KarmaRates | None = None) -> Island:
+    """Online/offline; going offline closes an online interval, which earns uptime karma
+    (decision 0051) when `rates` are given and a whole milli-karma was earned."""
     island = load_island(uow, island_id)
     if island.online != online:
         if online:
             island.trigger_event(Island.WentOnline, timestamp=_ts(uow))
         else:
+            if rates is not None and island.online_since_ms:
+                rebase_karma_in(uow, island)
+                delta = karma_rules.for_uptime(island.karma_milli, uow.now_ms - island.online_since_ms, rates)
+                if delta:
+                    _karma_change(uow, island, delta, karma_rules.REASON_UPTIME, "", island.karma_carry, 0)
             island.trigger_event(Island.WentOffline, reason=reason, timestamp=_ts(uow))
     return island
 
@@ -462,3 +534,47 @@ def issue_nats_credential_in(uow: UnitOfWork, island_id: UUID, *, nats_user: str
     island.trigger_event(Island.NatsCredentialIssued, user=nats_user, password_hash=password_hash, by=by[:64],
                          timestamp=_ts(uow))
     return island
+
+
+# ----------------------------------------------------------------- the market
+def set_asks_in(uow: UnitOfWork, island_id: UUID, asks_micro: dict[str, int], *, by: str) -> bool:
+    """Replace an Island's asking prices (already validated). False, and nothing written,
+    when they are what the Island already asks."""
+    island = load_island(uow, island_id)
+    if island.asks_micro == asks_micro:
+        return False
+    island.trigger_event(Island.AsksChanged, asks_micro=dict(asks_micro), by=str(by)[:128], timestamp=_ts(uow))
+    return True
+
+
+def set_bid_in(uow: UnitOfWork, account_id: str, slug: str, max_price_micro: int | None, *, by: str) -> bool:
+    """Save (or, with None, delete) an account's bid for a Cargo. False when unchanged."""
+    prefs = uow.get_or_none(bids_id(account_id))
+    if prefs is None:
+        if max_price_micro is None:
+            return False
+        prefs = BidPreferences._create(BidPreferences.Created, id=bids_id(account_id), account_id=account_id,
+                                       timestamp=_ts(uow))
+        uow.add(prefs)
+    current = prefs.bids_micro.get(slug)
+    if current == max_price_micro:
+        return False
+    if max_price_micro is None:
+        prefs.trigger_event(BidPreferences.BidCleared, slug=slug, by=str(by)[:128], timestamp=_ts(uow))
+    else:
+        prefs.trigger_event(BidPreferences.BidSet, slug=slug, max_price_micro=max_price_micro, by=str(by)[:128],
+                            timestamp=_ts(uow))
+    return True
+
+
+def set_surge_in(uow: UnitOfWork, active: bool, multiplier_permille: int, queued: int, free_slots: int) -> bool:
+    """Switch the surge on or off (False, nothing written, when it already is so)."""
+    surge = uow.get_or_none(SURGE_ID)
+    if surge is None:
+        surge = Surge._create(Surge.Created, id=SURGE_ID, timestamp=_ts(uow))
+        uow.add(surge)
+    if surge.active == active:
+        return False
+    surge.trigger_event(Surge.Switched, active=active, multiplier_permille=multiplier_permille if active else 1000,
+                        queued=queued, free_slots=free_slots, timestamp=_ts(uow))
+    return True

@@ -25,6 +25,11 @@ class SchedulerConfig:
     log_poll_page: int = 1_000  # events read per poll of the log
     log_poll_ms: int = 100  # read the log for other processes' commits at least this often
     routing_seed: int = 0  # ties between equal Islands are broken by a seeded random source
+    # The Compute Exchange (scheduler/market.py, docs/EXCHANGE.md)
+    surge_ratio: int = 2  # surge when queued Jobs > surge_ratio x free slots of approved online Islands
+    surge_multiplier_permille: int = 1250  # x1.25 while the surge is on
+    surge_hold_ms: int = 30_000  # the surge rule is re-evaluated at most this often
+    max_ask_micro: int = 1_000_000_000  # ceiling of an ask or a saved bid (COORDINATOR_MAX_ASK_CREDITS)
     weights: Weights = field(default_factory=Weights)
     karma: KarmaRates = field(default_factory=KarmaRates)
 
@@ -34,6 +39,8 @@ class SchedulerConfig:
         assert self.max_attempts >= 1
         assert 1 <= self.dispatch_batch_max <= 10_000
         assert self.max_queued_per_account <= self.max_queued_total
+        assert self.surge_ratio >= 1 and 1000 <= self.surge_multiplier_permille <= 10_000
+        assert self.surge_hold_ms > 0 and self.max_ask_micro > 0
 
     @property
     def offline_after_ms(self) -> int:

@@ -30,6 +30,7 @@ from eventsourcing.utils import get_topic
 
 from ledger.service import LedgerConfig
 from routing.index import CandidateIndex
+from routing.karma import rebased_milli
 from routing.types import Decision, JobNeeds
 from scheduler import commands as cmd
 from scheduler.cargo_switch import CargoSwitch, switch_id
@@ -37,6 +38,15 @@ from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig
 from scheduler.fair_queue import FairQueue
 from scheduler.islands import APPROVED, Island
+from scheduler.market import (
+    BidPreferences,
+    MarketState,
+    Surge,
+    list_rate_micro,
+    median_micro,
+    surge_wanted,
+    surged_micro,
+)
 from scheduler.jobs import ASSIGNED, PENDING, QUEUED, RUNNING, IllegalTransition, Job
 from scheduler.registry import Registry
 from store.clock import datetime_to_ms
@@ -53,11 +63,13 @@ JOB_TOPICS = tuple(get_topic(c) for c in (
     Job.Failed, Job.Cancelled, Job.TimedOut))
 ISLAND_TOPICS = tuple(get_topic(c) for c in (
     Island.Registered, Island.Approved, Island.Suspended, Island.CapabilitiesChanged, Island.WentOnline,
-    Island.WentOffline, Island.KarmaChanged, Island.KarmaAdjusted, Island.TokenRotated, Island.Paired,
-    Island.NatsCredentialIssued))
+    Island.WentOffline, Island.KarmaChanged, Island.KarmaAdjusted, Island.KarmaRebased, Island.TokenRotated,
+    Island.AsksChanged, Island.DrainChanged, Island.Paired, Island.NatsCredentialIssued))
 CARGO_TOPICS = (get_topic(CargoSwitch.Switched),)
-SCHEDULER_TOPICS = JOB_TOPICS + ISLAND_TOPICS + CARGO_TOPICS
-_SCHEDULER_EVENTS = (Job.Event, Island.Event, CargoSwitch.Switched)
+MARKET_TOPICS = tuple(get_topic(c) for c in (
+    BidPreferences.Created, BidPreferences.BidSet, BidPreferences.BidCleared, Surge.Switched))
+SCHEDULER_TOPICS = JOB_TOPICS + ISLAND_TOPICS + CARGO_TOPICS + MARKET_TOPICS
+_SCHEDULER_EVENTS = (Job.Event, Island.Event, CargoSwitch.Switched, BidPreferences.Event, Surge.Event)
 EXPECTED_RACES = (IllegalTransition, cmd.NotYourJob, cmd.UnknownJob)
 _TERMINAL_STATUS = {Job.Completed: "completed", Job.Failed: "failed", Job.Cancelled: "cancelled",
                     Job.TimedOut: "timeout"}
@@ -136,6 +148,7 @@ class LiveJob:
     queued_ms: int = 0  # when it entered the queue (submission, or a batch child's release)
     parent_id: str = ""
     key: str = ""  # str(job_id), computed once: listeners are called with it on every event
+    budget_micro: int = -1  # the market budget (-1: a Job from before the exchange)
 
 
 class LeaderLock(Protocol):
@@ -163,7 +176,10 @@ class DispatchCore:
         self.listener: SchedulerListener = listener or NullListener()
         self.leader = leader or AlwaysLeader()
         self.index = CandidateIndex(weights=config.weights)
-        self.registry = Registry(self.index)
+        self.list_rates = {c.slug: list_rate_micro(c) for c in catalog}
+        self.registry = Registry(self.index, self.list_rates)
+        self.market = MarketState()
+        self._karma_legacy: set[str] = set()  # Islands still on the old karma scale (decision 0051)
         self.queue = FairQueue(config.max_queued_per_account, config.max_queued_total)
         self.jobs: dict[UUID, LiveJob] = {}
         self._handlers: dict[type, Callable[[Any, int], None]] = {}  # event class -> what _apply does
@@ -261,7 +277,12 @@ class DispatchCore:
             return self._on_island
         if issubclass(cls, CargoSwitch.Switched):
             return self._on_switched
+        if issubclass(cls, (BidPreferences.Event, Surge.Event)):
+            return self._on_market
         return _ignore
+
+    def _on_market(self, ev: Any, now_ms: int) -> None:
+        self.market.apply(ev)
 
     def _on_switched(self, ev: Any, now_ms: int) -> None:
         slug = self._switch_slugs.get(ev.originator_id)
@@ -277,14 +298,16 @@ class DispatchCore:
             cargo=ev.cargo, model=ev.model, vram_mb=cargo.required_vram_mb if cargo else 0,
             ram_mb=cargo.required_ram_mb if cargo else 0, regions=frozenset(prefs.get("regions", ())),
             platforms=frozenset(prefs.get("platforms", ())), min_hardware_tier=prefs.get("min_hardware_tier", 0),
-            max_latency_ms=prefs.get("max_latency_ms"), bid_micro=prefs.get("bid_micro"),
+            max_latency_ms=prefs.get("max_latency_ms"),
+            bid_micro=ev.budget_micro if ev.budget_source else prefs.get("bid_micro"),
             min_karma_milli=cargo.min_karma_milli if cargo else 0)
 
     def _on_submitted(self, ev: Any, now_ms: int) -> None:
         job_id = ev.originator_id
         live = LiveJob(job_id=job_id, account_id=ev.account_id, cargo=ev.cargo, kind=ev.kind, model=ev.model,
                        input=ev.input, needs=self._needs(ev), submitted_ms=datetime_to_ms(ev.timestamp),
-                       status=ev.status, parent_id=ev.parent_id, key=str(job_id))
+                       status=ev.status, parent_id=ev.parent_id, key=str(job_id),
+                       budget_micro=ev.budget_micro if ev.budget_source else -1)
         self.jobs[job_id] = live
         live.queued_ms = live.submitted_ms
         if ev.status == QUEUED:
@@ -374,20 +397,39 @@ class DispatchCore:
         island_id = str(ev.originator_id)
         if isinstance(ev, Island.Registered):
             self.registry.register(island_id, ev.owner_account_id, ev.name, ev.capabilities, ev.approval == APPROVED)
+            self.registry.islands[island_id].approval = ev.approval
+            start = getattr(ev, "karma_start_milli", None)
+            if start is None:
+                self._karma_legacy.add(island_id)
+            self.registry.set_karma(island_id, rebased_milli(0) if start is None else start)
         elif isinstance(ev, Island.Approved):
             self.registry.set_approved(island_id, True)
+            self._set_approval(island_id, "approved")
         elif isinstance(ev, Island.Suspended):
             self.registry.set_approved(island_id, False)
+            self._set_approval(island_id, "suspended")
         elif isinstance(ev, Island.DrainChanged):
             self.registry.set_draining(island_id, ev.draining)
         elif isinstance(ev, Island.CapabilitiesChanged):
             self.registry.set_capabilities(island_id, ev.capabilities)
         elif isinstance(ev, Island.KarmaChanged):
-            self.registry.set_karma(island_id, ev.karma_after_milli)
+            # decision 0051: an old-scale Island's numbers are shown rebased until its KarmaRebased
+            legacy = island_id in self._karma_legacy and not isinstance(ev, Island.KarmaRebased)
+            if not legacy:
+                self._karma_legacy.discard(island_id)
+            self.registry.set_karma(island_id, rebased_milli(ev.karma_after_milli) if legacy
+                                    else ev.karma_after_milli)
         elif isinstance(ev, Island.WentOffline):
             self.registry.set_offline(island_id)
         elif isinstance(ev, Island.NatsCredentialIssued):
             self.registry.set_nats_credential(island_id, ev.user, ev.password_hash)
+        elif isinstance(ev, Island.AsksChanged):
+            self.registry.set_asks(island_id, ev.asks_micro)
+
+    def _set_approval(self, island_id: str, approval: str) -> None:
+        rec = self.registry.islands.get(island_id)
+        if rec is not None:
+            rec.approval = approval
 
     # ------------------------------------------------------------ timers
     def _timer(self, due_ms: int, kind: int, live: LiveJob) -> None:
@@ -472,17 +514,25 @@ class DispatchCore:
             self._redispatch_ms = None
             self._offline_check(now_ms)
             timer_cmds = self._due_timer_commands(now_ms)
+            surge_cmd = self._surge_check(now_ms)
+            if surge_cmd is not None:
+                timer_cmds.append(surge_cmd)
             decisions = self._decide(now_ms)
+            surge_permille = self.market.surge_permille
+            # the selected Islands' asks, read with the decisions (an ask may change right after)
+            asks = [self.registry.islands[d.island_id].ask_for(live.cargo) if live.budget_micro >= 0 else -1
+                    for live, d in decisions]
         futures: list[tuple[Future, Any]] = [(self.committer.submit(c), None) for c in timer_cmds]
-        for live, d in decisions:
+        for (live, d), ask in zip(decisions, asks):
             score = {"karma": d.score.karma, "latency": d.score.latency, "load": d.score.load,
                      "price": d.score.price, "warm_model": d.score.warm_model, "total": d.score.total,
                      "considered": d.candidates_considered, "examined": d.candidates_examined,
                      "eligible": d.candidates_eligible, "fleet": d.fleet_size, "tied": d.tied}
             owner = self.registry.islands[d.island_id].owner_account_id
             futures.append((self.committer.submit(
-                lambda uow, j=live.job_id, i=d.island_id, o=owner, s=score, n=d.candidates_considered:
-                cmd.assign_in(uow, j, i, o, now_ms + self.config.ack_timeout_ms, s, n)), (live, d.island_id)))
+                lambda uow, j=live.job_id, i=d.island_id, o=owner, s=score, n=d.candidates_considered, a=ask,
+                sp=surge_permille: cmd.assign_in(uow, j, i, o, now_ms + self.config.ack_timeout_ms, s, n,
+                                                ask_micro=a, surge_permille=sp)), (live, d.island_id)))
         issued = len(futures)
         self.stats["dispatch_rounds"] += 1
         for fut, ctx in futures:
@@ -512,11 +562,60 @@ class DispatchCore:
                 self.registry.release(island_id, live.job_id)
                 live.island_id = ""
 
+    def _surge_check(self, now_ms: int) -> Callable | None:
+        """The surge rule, evaluated at most once per `surge_hold_ms` (so the switch can
+        move at most that often): a command when the state should change, else None."""
+        last = self.market.last_eval_ms
+        if last is not None and now_ms - last < self.config.surge_hold_ms:
+            return None
+        self.market.last_eval_ms = now_ms
+        queued = len(self.queue)
+        free = self.registry.free_slots_online()
+        wanted = surge_wanted(queued, free, self.config.surge_ratio)
+        if wanted == self.market.surge_active:
+            return None
+        permille = self.config.surge_multiplier_permille
+        return lambda uow: cmd.set_surge_in(uow, wanted, permille, queued, free)
+
+    # ------------------------------------------------------------ market reads
+    def market_rate_micro(self, slug: str) -> int | None:
+        """The current market rate of a Cargo: the median ask of the approved, online
+        Islands serving it, times the surge multiplier (rounded up); None when none is online."""
+        with self.lock:
+            online = self.registry.cargo_asks(slug)[1]
+            if not online:
+                return None
+            return surged_micro(median_micro(online), self.market.surge_permille)
+
+    def budget_inputs(self, account_id: str, slug: str) -> tuple[int | None, int | None, int | None]:
+        """For the budget chain, in one look under the lock: the account's saved bid for
+        the Cargo, the current market rate, and the lowest ask of an approved Island
+        serving it (None: no approved Island serves it)."""
+        with self.lock:
+            approved, online = self.registry.cargo_asks(slug)
+            rate = surged_micro(median_micro(online), self.market.surge_permille) if online else None
+            return self.market.preference(account_id, slug), rate, (approved[0] if approved else None)
+
+    def online_asks(self, slug: str, regions: frozenset[str] = frozenset()) -> list[int]:
+        """Sorted asks of the approved, online, not draining Islands serving a Cargo (in one
+        of `regions`, when given). O(Islands): for quotes, not for the submit path."""
+        with self.lock:
+            return sorted(rec.ask_for(slug) for rec in self.registry.islands.values()
+                          if rec.approved and rec.online and not rec.draining
+                          and slug in rec.capabilities.get("cargos", ())
+                          and (not regions or rec.capabilities.get("region", "unknown") in regions))
+
+    def market_snapshot(self, slug: str) -> tuple[list[int], list[int], int]:
+        """(asks of approved Islands, asks of those online, surge permille) for a Cargo."""
+        with self.lock:
+            approved, online = self.registry.cargo_asks(slug)
+            return list(approved), list(online), self.market.surge_permille
+
     def _offline_check(self, now_ms: int) -> None:
         for island_id in self.registry.stale(now_ms, self.config.offline_after_ms):
             self.registry.set_offline(island_id)  # live view first: no new offers
             self.committer.submit(lambda uow, i=island_id: cmd.set_island_online_in(
-                uow, UUID(i), False, "missed heartbeats"))
+                uow, UUID(i), False, "missed heartbeats", self.config.karma))
 
     # ------------------------------------------------------------ live inputs (not events)
     def heartbeat(self, island_id: str, now_ms: int, **live: Any) -> None:

@@ -6,6 +6,7 @@ heartbeat and lives in the registry (scheduler/registry.py)."""
 from __future__ import annotations
 
 from store.chain import ChainedAggregate
+from routing.karma import rebased_milli
 
 PENDING_APPROVAL = "pending"
 APPROVED = "approved"
@@ -14,27 +15,41 @@ SUSPENDED = "suspended"
 
 class Island(ChainedAggregate):
     class Registered(ChainedAggregate.Created):
+        """`karma_start_milli` (50,000 on the 0..100 scale) is absent from Islands
+        recorded before decision 0051: their karma events are on the old scale (start 0)
+        until a `KarmaRebased` moves them (see `karma_legacy`)."""
+
         owner_account_id: str
         name: str
         token_hash: str
         capabilities: dict
         approval: str
+        karma_start_milli: int
 
-    def __init__(self, owner_account_id: str, name: str, token_hash: str, capabilities: dict, approval: str) -> None:
+    def __init__(self, owner_account_id: str, name: str, token_hash: str, capabilities: dict, approval: str,
+                 karma_start_milli: int | None = None) -> None:
         self.owner_account_id = owner_account_id
         self.name = name
         self.token_hash = token_hash
         self.capabilities = capabilities
         self.approval = approval
         self.online = False
-        self.karma_milli = 0
+        self.online_since_ms = 0
+        # decision 0051: an Island recorded on the old scale keeps its logged numbers
+        # (karma_milli is what its events say) until the first change rebases it.
+        self.karma_legacy = karma_start_milli is None
+        self.karma_milli = 0 if karma_start_milli is None else karma_start_milli
         self.karma_carry = 0
+        self.karma_updated_at = self.created_on  # time of the last karma change
         self.jobs_completed = 0
         self.jobs_failed = 0
         self.draining = False
         self.transport = "websocket"
         self.nats_user = ""
         self.nats_password_hash = ""
+        # Asking prices per Cargo slug (and "_default"), micro-credits per billing unit
+        # (scheduler/market.py); registration's capabilities may carry the first ones.
+        self.asks_micro: dict[str, int] = dict(capabilities.get("asks_micro", {}))
 
     class Approved(ChainedAggregate.Event):
         by: str
@@ -67,9 +82,21 @@ class Island(ChainedAggregate):
         def apply(self, island: Island) -> None:
             island.capabilities = self.capabilities
 
+    class AsksChanged(ChainedAggregate.Event):
+        """The Island's asking prices changed (owner's POST /market/asking-prices, or the
+        Island's heartbeat `asking_prices`): `asks_micro` is the whole new map, slug (or
+        `_default`) -> micro-credits per the Cargo's billing unit; `by` who set it."""
+
+        asks_micro: dict
+        by: str
+
+        def apply(self, island: Island) -> None:
+            island.asks_micro = dict(self.asks_micro)
+
     class WentOnline(ChainedAggregate.Event):
         def apply(self, island: Island) -> None:
             island.online = True
+            island.online_since_ms = int(self.timestamp.timestamp() * 1000)
 
     class WentOffline(ChainedAggregate.Event):
         reason: str
@@ -123,6 +150,7 @@ class Island(ChainedAggregate):
             island.karma_milli += self.delta_milli
             assert island.karma_milli == self.karma_after_milli
             island.karma_carry = self.carry
+            island.karma_updated_at = self.timestamp
             if self.reason == "completed":
                 island.jobs_completed += 1
             elif self.reason in ("failure", "lapsed_lease"):
@@ -136,3 +164,20 @@ class Island(ChainedAggregate):
 
         by: str
         note: str
+
+    class KarmaRebased(KarmaChanged):
+        """Decision 0051: an Island recorded on the old karma scale (start 0, floor -100,
+        no ceiling) moved onto 0..100 before its next change: `delta_milli` =
+        `rebased_milli(old) - old`, reason "rebase_0_100", `job_id` "", `compute_ms` 0,
+        carry kept. A `KarmaChanged`, so every reader of karma reads it; from here on the
+        Island's events are on the new scale."""
+
+        def apply(self, island: Island) -> None:
+            super().apply(island)
+            island.karma_legacy = False
+
+    @property
+    def karma_shown_milli(self) -> int:
+        """Karma on the 0..100 scale, also for an Island still on the old scale (an offset
+        at read: `routing.karma.rebased_milli`)."""
+        return rebased_milli(self.karma_milli) if self.karma_legacy else self.karma_milli

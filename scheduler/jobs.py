@@ -48,10 +48,15 @@ class Job(ChainedAggregate):
         parent_id: str
         batch_index: int
         idem_fp: str
+        # The market (scheduler/market.py). Events written before the exchange lack them:
+        # budget_source "" means priced at the list price, as then.
+        budget_micro: int = 0
+        budget_source: str = ""
+        list_rate_micro: int = 0
 
     def __init__(self, account_id: str, cargo: str, cargo_id: int, kind: str, model: str, input: dict,  # noqa: A002
                  prefs: dict, hold_micro: int, max_attempts: int, status: str, parent_id: str, batch_index: int,
-                 idem_fp: str) -> None:
+                 idem_fp: str, budget_micro: int = 0, budget_source: str = "", list_rate_micro: int = 0) -> None:
         assert status in WAITING
         self.account_id = account_id
         self.cargo = cargo
@@ -66,6 +71,12 @@ class Job(ChainedAggregate):
         self.parent_id = parent_id
         self.batch_index = batch_index
         self.idem_fp = idem_fp
+        self.budget_micro = budget_micro  # rate per billing unit the consumer pays at most
+        self.budget_source = budget_source  # bid | preference | market | list ("" before the exchange)
+        self.list_rate_micro = list_rate_micro  # the Cargo's list rate at submission
+        self.ask_micro = -1  # the selected Island's ask (-1: not assigned under the exchange)
+        self.surge_permille = 1000
+        self.clearing_micro = -1  # the clearing rate (-1: list pricing)
         self.attempts = 0  # assignments that reached running and then lapsed
         self.offers = 0
         self.excluded: list[str] = []
@@ -96,8 +107,16 @@ class Job(ChainedAggregate):
         ack_deadline_ms: int
         score: dict
         candidates: int
+        # The clearing (scheduler/market.py): -1 in events written before the exchange.
+        ask_micro: int = -1
+        surge_permille: int = 1000
+        clearing_micro: int = -1
+        cargo: str = ""  # the Job's Cargo, so that a reader of clearings needs no other event
 
         def apply(self, job: Job) -> None:
+            job.ask_micro = self.ask_micro
+            job.surge_permille = self.surge_permille
+            job.clearing_micro = self.clearing_micro
             job.status = ASSIGNED
             job.island_id = self.island_id
             job.owner_account_id = self.owner_account_id
@@ -115,6 +134,7 @@ class Job(ChainedAggregate):
             job.excluded = [*job.excluded, self.island_id]
             job.island_id = ""
             job.owner_account_id = ""
+            _unclear(job)
 
     class Started(ChainedAggregate.Event):
         island_id: str
@@ -137,6 +157,7 @@ class Job(ChainedAggregate):
             job.island_id = ""
             job.owner_account_id = ""
             job.started_at = None
+            _unclear(job)
 
     class Completed(ChainedAggregate.Event):
         usage: dict
@@ -146,6 +167,10 @@ class Job(ChainedAggregate):
         fee_micro: int
         compute_ms: int
         tokens_per_s_milli: int
+        # What the charge was computed from: the list price of the units used and the
+        # clearing rate it was scaled to (-1: list pricing, events before the exchange).
+        list_price_micro: int = -1
+        clearing_micro: int = -1
 
         def apply(self, job: Job) -> None:
             job.status = COMPLETED
@@ -196,3 +221,10 @@ class Job(ChainedAggregate):
     def require(self, statuses: frozenset[str] | set[str], action: str) -> None:
         if self.status not in statuses:
             raise IllegalTransition(self.id, self.status, action)
+
+
+def _unclear(job: Job) -> None:
+    """Back in the queue: the offer's clearing no longer holds (the next Assigned sets one)."""
+    job.ask_micro = -1
+    job.surge_permille = 1000
+    job.clearing_micro = -1

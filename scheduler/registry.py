@@ -12,6 +12,7 @@ from uuid import UUID
 from ledger.pricing import credits_to_micro
 from routing.index import CandidateIndex
 from routing.types import IslandView
+from scheduler.market import resolve_ask
 
 MAX_CARGOS = 64
 MAX_MODELS = 256
@@ -59,7 +60,7 @@ def parse_capabilities(raw: dict[str, Any]) -> dict[str, Any]:
             asks[str(slug)] = credits_to_micro(price)
         except (TypeError, ValueError) as exc:
             raise BadCapabilities(f"asks.{slug}: {exc}") from None
-    return {
+    out = {
         "cargos": strings("cargos", MAX_CARGOS),
         "models": strings("models", MAX_MODELS),
         "vram_mb": integer("vram_mb", 0, 0, 10_000_000),
@@ -73,6 +74,9 @@ def parse_capabilities(raw: dict[str, Any]) -> dict[str, Any]:
         "asks_micro": asks,
         **({"transport": "nats"} if raw.get("transport") == "nats" else {}),
     }
+    if "tokens_per_s" in raw:  # the Island's own speed report: karma's `slow` rule (decision 0051)
+        out["tokens_per_s"] = integer("tokens_per_s", 0, 0, 1_000_000)
+    return out
 
 
 @dataclass
@@ -94,6 +98,13 @@ class IslandRecord:
     draining: bool = False  # an operator's drain: no new Jobs, running ones finish
     nats_user: str = ""  # the Island's NATS user (transport "nats"), from NatsCredentialIssued
     nats_password_hash: str = ""  # its bcrypt hash (never the password)
+    approval: str = "approved"  # pending | approved | suspended (the Island aggregate's, for the hosts API)
+    asks_micro: dict[str, int] = field(default_factory=dict)  # the Island's own asks (slug | "_default")
+    list_rates: dict[str, int] = field(default_factory=dict)  # the catalog's list rates (shared)
+
+    def ask_for(self, slug: str) -> int:
+        """The ask for a Cargo: own, else `_default`, else the list rate (scheduler/market.py)."""
+        return resolve_ask(self.asks_micro, slug, self.list_rates.get(slug, 0))
 
     def slots_free(self) -> int:
         if self.draining:
@@ -110,13 +121,18 @@ class IslandRecord:
             region=caps.get("region", "unknown"), platform=caps.get("platform", "linux"),
             hardware_tier=caps.get("hardware_tier", 0), karma_milli=self.karma_milli,
             latency_ms=self.latency_ms, load_permille=self.load_permille,
-            ask_micro=dict(caps.get("asks_micro", {})))
+            ask_micro={slug: self.ask_for(slug) for slug in caps.get("cargos", ())})
 
 
 class Registry:
-    def __init__(self, index: CandidateIndex) -> None:
+    def __init__(self, index: CandidateIndex, list_rates: dict[str, int] | None = None) -> None:
         self.index = index
         self.islands: dict[str, IslandRecord] = {}
+        self.list_rates = dict(list_rates or {})
+        # Bumped whenever an Island's asks, approval, Cargos, drain or online state change:
+        # the per-Cargo market summary (`cargo_asks`) is recomputed only then.
+        self.market_version = 0
+        self._asks_cache: dict[str, tuple[int, list[int], list[int]]] = {}
         # Min-heap of (last_heartbeat_ms, island_id), lazily invalidated: an entry is live
         # while its Island is online with that very last_heartbeat_ms. Invariant: every
         # online Island has its live entry in the heap. Lets `stale` look only at the
@@ -144,22 +160,59 @@ class Registry:
         rec = self.islands.get(island_id)
         if rec is None:
             rec = IslandRecord(island_id, owner, name, capabilities, approved,
-                               slots_total=capabilities.get("slots", 1), ordinal=len(self.islands))
+                               slots_total=capabilities.get("slots", 1), ordinal=len(self.islands),
+                               asks_micro=dict(capabilities.get("asks_micro", {})), list_rates=self.list_rates)
             self.islands[island_id] = rec
         else:
             rec.capabilities, rec.approved = capabilities, approved
+        self.market_version += 1
         self._sync(rec)
+
+    def set_asks(self, island_id: str, asks_micro: dict[str, int]) -> None:
+        rec = self.islands.get(island_id)
+        if rec is not None and rec.asks_micro != asks_micro:
+            rec.asks_micro = dict(asks_micro)
+            self.market_version += 1
+            self._sync(rec)
+
+    def cargo_asks(self, slug: str) -> tuple[list[int], list[int]]:
+        """(asks of approved Islands serving the Cargo, asks of those of them online and
+        not draining), each sorted. Cached until `market_version` moves."""
+        hit = self._asks_cache.get(slug)
+        if hit is not None and hit[0] == self.market_version:
+            return hit[1], hit[2]
+        approved: list[int] = []
+        online: list[int] = []
+        for rec in self.islands.values():
+            if not rec.approved or slug not in rec.capabilities.get("cargos", ()):
+                continue
+            ask = rec.ask_for(slug)
+            approved.append(ask)
+            if rec.online and not rec.draining:
+                online.append(ask)
+        approved.sort()
+        online.sort()
+        if len(self._asks_cache) > 4096:
+            self._asks_cache.clear()
+        self._asks_cache[slug] = (self.market_version, approved, online)
+        return approved, online
+
+    def free_slots_online(self) -> int:
+        """Free slots of approved, online Islands (the surge rule's capacity). O(Islands)."""
+        return sum(r.slots_free() for r in self.islands.values() if r.online and r.approved)
 
     def set_approved(self, island_id: str, approved: bool) -> None:
         rec = self.islands.get(island_id)
         if rec is not None and rec.approved != approved:
             rec.approved = approved
+            self.market_version += 1
             self._sync(rec)
 
     def set_draining(self, island_id: str, draining: bool) -> None:
         rec = self.islands.get(island_id)
         if rec is not None and rec.draining != draining:
             rec.draining = draining
+            self.market_version += 1
             self._sync(rec)
 
     def set_capabilities(self, island_id: str, capabilities: dict[str, Any]) -> None:
@@ -167,6 +220,7 @@ class Registry:
         if rec is not None:
             rec.capabilities = capabilities
             rec.slots_total = capabilities.get("slots", rec.slots_total)
+            self.market_version += 1
             self._sync(rec)
 
     def set_nats_credential(self, island_id: str, user: str, password_hash: str) -> None:
@@ -188,6 +242,8 @@ class Registry:
         if rec is None:
             return False
         came_online = not rec.online
+        if came_online:
+            self.market_version += 1
         if came_online or rec.last_heartbeat_ms != now_ms:  # else its live entry is in the heap already
             self._push_beat(now_ms, island_id)
         rec.online = True
@@ -213,6 +269,7 @@ class Registry:
         rec = self.islands.get(island_id)
         if rec is not None and rec.online:
             rec.online = False
+            self.market_version += 1
             self.index.set_online(island_id, False)
 
     def stale(self, now_ms: int, offline_after_ms: int) -> list[str]:

@@ -4,6 +4,7 @@ the dispatch core. Sync methods block; `a*` methods await (for the HTTP layer)."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import threading
@@ -21,7 +22,16 @@ import structlog
 from ledger.errors import LedgerError
 from ledger.service import LedgerConfig, fingerprint
 from scheduler import commands as cmd
-from scheduler.admission import QUEUE_FULL, AdmissionRefused, RefusalCounter, admit, refusal_from_ledger
+from scheduler import market as mkt
+from scheduler.admission import (
+    NO_ISLAND_WITHIN_BUDGET,
+    QUEUE_FULL,
+    AdmissionRefused,
+    Admitted,
+    RefusalCounter,
+    admit,
+    refusal_from_ledger,
+)
 from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig
 from scheduler.dispatcher import SCHEDULER_TOPICS, DispatchCore, LeaderLock, SchedulerListener
@@ -65,6 +75,11 @@ class JobView(msgspec.Struct, frozen=True, kw_only=True):
     batch_index: int
     attempts: int
     score: dict[str, Any] | None
+    budget_micro: int = 0
+    budget_source: str = ""  # bid | preference | market | list ("" for a Job from before the exchange)
+    clearing_micro: int = -1  # the clearing rate once assigned (-1: not yet, or list pricing)
+    ask_micro: int = -1
+    surge_permille: int = 1000
 
     @property
     def duration_ms(self) -> int | None:
@@ -80,7 +95,9 @@ def job_view(job: Job) -> JobView:
                    completed_at=job.completed_at, usage=job.usage, hold_micro=job.hold_micro,
                    charged_micro=job.charged_micro, island_id=job.island_id,
                    tokens_per_s_milli=job.tokens_per_s_milli, compute_ms=job.compute_ms, parent_id=job.parent_id,
-                   batch_index=job.batch_index, attempts=job.attempts, score=job.score)
+                   batch_index=job.batch_index, attempts=job.attempts, score=job.score,
+                   budget_micro=job.budget_micro, budget_source=job.budget_source,
+                   clearing_micro=job.clearing_micro, ask_micro=job.ask_micro, surge_permille=job.surge_permille)
 
 
 def job_view_if(job: Job, view: bool) -> JobView | None:
@@ -195,6 +212,7 @@ class Scheduler:
             if self.core.queue.account_backlog(str(account_id)) >= self.config.max_queued_per_account:
                 raise AdmissionRefused(QUEUE_FULL, f"at most {self.config.max_queued_per_account} queued jobs "
                                                    f"per account")
+            budget = self.resolve_budget(str(account_id), admitted)
         except AdmissionRefused as refusal:
             self.refusals.record(refusal)
             raise
@@ -208,12 +226,104 @@ class Scheduler:
         def command(uow: UnitOfWork) -> JobView:
             try:
                 job = cmd.submit_in(uow, self.ledger_config, self.config, job_id, account_id, admitted,
-                                    parent_id=parent_id, batch_index=batch_index, pending=pending, idem_fp=idem_fp)
+                                    parent_id=parent_id, batch_index=batch_index, pending=pending, idem_fp=idem_fp,
+                                    budget=budget)
             except LedgerError as exc:
                 raise refusal_from_ledger(exc) from None
             return job_view(job)
 
         return command
+
+    # ------------------------------------------------------------ the market
+    def resolve_budget(self, account_id: str, admitted: Admitted, *, check: bool = True) -> mkt.Budget:
+        """The budget chain (first hit wins): the Job's own bid, the account's saved bid for
+        the Cargo, the current market rate, the Cargo's list rate. With `check`, refuses
+        (`no_island_within_budget`, with the current rate) when approved Islands serve the
+        Cargo but every one of them asks more than the budget."""
+        cargo = admitted.cargo
+        list_rate = mkt.list_rate_micro(cargo)
+        preference, rate, lowest = self.core.budget_inputs(account_id, cargo.slug)
+        bid = admitted.prefs.get("bid_micro")
+        if bid is not None:
+            budget, source = bid, mkt.BID
+        elif preference is not None:
+            budget, source = preference, mkt.PREFERENCE
+        elif rate is not None:
+            budget, source = rate, mkt.MARKET
+        else:
+            budget, source = list_rate, mkt.LIST
+        if check and lowest is not None and lowest > budget:
+            current = rate if rate is not None else list_rate
+            raise AdmissionRefused(
+                NO_ISLAND_WITHIN_BUDGET,
+                f"no approved Island serves {cargo.slug!r} within the budget of {mkt.micro_to_credits(budget)} "
+                f"credits per {mkt.billing_unit(cargo)} ({source}); the current rate is "
+                f"{mkt.micro_to_credits(current)}", rate_micro=current, budget_micro=budget, budget_source=source)
+        hold = mkt.price_at_rate(admitted.hold_micro, budget, list_rate)
+        return mkt.Budget(budget, source, list_rate, hold)
+
+    def budgets_for(self, account_id: str, admitted: list[Admitted]) -> list[mkt.Budget]:
+        """One budget for a batch (same Cargo and prefs for every child: one resolution,
+        one refusal check), with each child's own hold."""
+        first = self.resolve_budget(account_id, admitted[0])
+        return [first] + [mkt.Budget(first.budget_micro, first.source, first.list_rate_micro,
+                                     mkt.price_at_rate(a.hold_micro, first.budget_micro, first.list_rate_micro))
+                          for a in admitted[1:]]
+
+    def market_rate_micro(self, slug: str) -> int | None:
+        return self.core.market_rate_micro(slug)
+
+    def set_asking_prices(self, island_id: UUID, prices: Any, *, by: str) -> bool:
+        """Replace an Island's asks (slug | "_default" -> decimal string of credits per the
+        Cargo's billing unit). Raises `BadAsk` (nothing written) for a bad map; False when
+        unchanged (no event)."""
+        asks = mkt.validate_asks(self.catalog, prices, self.config.max_ask_micro)
+        changed = self._run(lambda uow: cmd.set_asks_in(uow, island_id, asks, by=by))
+        if changed:
+            self.core.catch_up(self.clock.now_ms())
+        return changed
+
+    async def aset_asking_prices(self, island_id: UUID, prices: Any, *, by: str) -> bool:
+        asks = mkt.validate_asks(self.catalog, prices, self.config.max_ask_micro)
+        changed = await self._arun(lambda uow: cmd.set_asks_in(uow, island_id, asks, by=by))
+        if changed:
+            await asyncio.to_thread(self.core.catch_up, self.clock.now_ms())
+        return changed
+
+    def island_asks(self, island_id: str) -> dict[str, int] | None:
+        with self.core.lock:
+            rec = self.core.registry.islands.get(island_id)
+            return dict(rec.asks_micro) if rec is not None else None
+
+    def _bid_command(self, account_id: UUID, slug: str, max_price: str | None, by: str):
+        self.catalog.by_slug(slug)  # UnknownCargo
+        micro = None if max_price is None else mkt.parse_price_micro(max_price, max_micro=self.config.max_ask_micro)
+        return lambda uow: cmd.set_bid_in(uow, str(account_id), slug, micro, by=by)
+
+    def set_bid(self, account_id: UUID, slug: str, max_price: str | None, *, by: str) -> bool:
+        """Save (None: delete) the account's bid for a Cargo. `UnknownCargo`, `BadPrice`."""
+        changed = self._run(self._bid_command(account_id, slug, max_price, by))
+        self.core.catch_up(self.clock.now_ms())
+        return changed
+
+    async def aset_bid(self, account_id: UUID, slug: str, max_price: str | None, *, by: str) -> bool:
+        changed = await self._arun(self._bid_command(account_id, slug, max_price, by))
+        await asyncio.to_thread(self.core.catch_up, self.clock.now_ms())  # the next submit sees it
+        return changed
+
+    def _read_bids(self, account_id: UUID) -> Callable[[UnitOfWork], dict[str, int]]:
+        def read(uow: UnitOfWork) -> dict[str, int]:
+            prefs = uow.get_or_none(mkt.bids_id(str(account_id)), fresh=self.shared_store)
+            return dict(prefs.bids_micro) if isinstance(prefs, mkt.BidPreferences) else {}
+
+        return read
+
+    def bids(self, account_id: UUID) -> dict[str, int]:
+        """The account's saved bids, from its aggregate (read-your-writes on any process)."""
+        return self.committer.query(self._read_bids(account_id))
+
+    async def abids(self, account_id: UUID) -> dict[str, int]:
+        return await self.committer.aquery(self._read_bids(account_id))
 
     def _count_refusal(self, exc: BaseException) -> None:
         if isinstance(exc, AdmissionRefused):

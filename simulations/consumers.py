@@ -26,7 +26,7 @@ class ConsumerClass(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     balance: str | int = "100"  # starting balance, credits
     cargo_mix: dict[str, float] = msgspec.field(default_factory=lambda: {"llm-chat": 1.0})  # Cargo -> share of this class's Jobs
     regions: dict[str, float] = {}  # preferred Island region -> weight; {} = no preference
-    bid: dict[str, str | int] = {}  # Cargo -> most the account pays per Job (credits); absent = no cap
+    bid: dict[str, str | int] = {}  # Cargo -> the bid_price it sends (credits per billing unit); absent = market rate
     activity: float = 1.0  # relative share of a stream's Jobs per account
     patience_s: float = 0.0  # cancel a Job still waiting after this long; 0 = never
 

@@ -61,7 +61,7 @@ class TierSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     job_sigma: float = 0.10  # per-Job jitter (lognormal sigma)
     prefill_ratio: float = 25.0  # prompt tokens/s = ratio x decode tokens/s
     overhead_ms: int = 60  # per-Job fixed cost (load input, set up the run)
-    ask: dict[str, str | int] = {}  # Cargo -> asking price per Job, credits
+    ask: dict[str, str | int] = {}  # Cargo | "_default" -> ask in credits per the Cargo's billing unit; {} = list rate
     availability: str | list[float] = "always"
     platform: str = "linux"
     # failure behaviour (applied only when [faults] islands = true)
@@ -77,7 +77,7 @@ DEFAULT_TIERS: dict[str, dict] = {
     "cpu": {
         "index": 0, "slots": 1, "vram_mb": 0, "ram_mb": 16_384, "cargos": ["llm-chat-lite"],
         "speed": {"llm-chat-lite": 15.0}, "prefill_ratio": 8.0, "overhead_ms": 100,
-        "ask": {"llm-chat-lite": "0.4"}, "availability": "evening", "platform": "linux",
+        "availability": "evening", "platform": "linux",
         "crash_per_job": 0.002, "missed_ack": 0.005, "hang_per_job": 0.001,
         "disconnects_per_hour": 0.2, "offline_mean_s": 1200, "slow_heartbeats_per_hour": 0.2,
     },
@@ -85,7 +85,7 @@ DEFAULT_TIERS: dict[str, dict] = {
         "index": 1, "slots": 1, "vram_mb": 12_288, "ram_mb": 32_768,
         "cargos": ["llm-chat", "llm-chat-lite", "sdxl"],
         "speed": {"llm-chat": 40.0, "llm-chat-lite": 140.0, "sdxl": 1.2}, "prefill_ratio": 25.0,
-        "overhead_ms": 60, "ask": {"llm-chat": "2", "llm-chat-lite": "0.5", "sdxl": "5"},
+        "overhead_ms": 60,
         "availability": "evening", "platform": "windows",
         "crash_per_job": 0.01, "missed_ack": 0.01, "hang_per_job": 0.002,
         "disconnects_per_hour": 0.5, "offline_mean_s": 900, "slow_heartbeats_per_hour": 0.5,
@@ -94,7 +94,7 @@ DEFAULT_TIERS: dict[str, dict] = {
         "index": 2, "slots": 2, "vram_mb": 24_576, "ram_mb": 65_536,
         "cargos": ["llm-chat", "llm-chat-lite", "sdxl"],
         "speed": {"llm-chat": 110.0, "llm-chat-lite": 300.0, "sdxl": 5.0}, "prefill_ratio": 30.0,
-        "overhead_ms": 50, "ask": {"llm-chat": "2.5", "llm-chat-lite": "0.6", "sdxl": "6"},
+        "overhead_ms": 50,
         "availability": "evening", "platform": "linux",
         "crash_per_job": 0.005, "missed_ack": 0.005, "hang_per_job": 0.001,
         "disconnects_per_hour": 0.3, "offline_mean_s": 900, "slow_heartbeats_per_hour": 0.3,
@@ -103,7 +103,7 @@ DEFAULT_TIERS: dict[str, dict] = {
         "index": 3, "slots": 4, "vram_mb": 81_920, "ram_mb": 262_144,
         "cargos": ["llm-chat", "llm-chat-lite", "sdxl"],
         "speed": {"llm-chat": 80.0, "llm-chat-lite": 250.0, "sdxl": 4.5}, "prefill_ratio": 40.0,
-        "overhead_ms": 40, "ask": {"llm-chat": "3", "llm-chat-lite": "0.8", "sdxl": "7"},
+        "overhead_ms": 40,
         "availability": "always", "platform": "linux",
         "crash_per_job": 0.001, "missed_ack": 0.001, "hang_per_job": 0.0005,
         "disconnects_per_hour": 0.02, "offline_mean_s": 300, "slow_heartbeats_per_hour": 0.05,
@@ -112,7 +112,7 @@ DEFAULT_TIERS: dict[str, dict] = {
         "index": 4, "slots": 8, "vram_mb": 81_920, "ram_mb": 524_288,
         "cargos": ["llm-chat", "llm-chat-lite", "sdxl"],
         "speed": {"llm-chat": 130.0, "llm-chat-lite": 350.0, "sdxl": 8.0}, "prefill_ratio": 50.0,
-        "overhead_ms": 30, "ask": {"llm-chat": "3.5", "llm-chat-lite": "1", "sdxl": "8"},
+        "overhead_ms": 30,
         "availability": "always", "platform": "linux",
         "crash_per_job": 0.0005, "missed_ack": 0.0005, "hang_per_job": 0.0002,
         "disconnects_per_hour": 0.01, "offline_mean_s": 300, "slow_heartbeats_per_hour": 0.02,

@@ -60,6 +60,7 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
+from eventsourcing.utils import get_topic
 
 from ledger import audit
 from ledger import names as lnames
@@ -71,20 +72,22 @@ from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig
 from scheduler.dispatcher import EXPECTED_RACES, JobOffer
 from scheduler.jobs import Job
+from scheduler.market import Surge
 from scheduler.service import Scheduler
 from simulations.consumers import SimAccount
 from simulations.demand import JobShape
 from simulations.engine import derive_seed
 from simulations.fleet import SimIsland
 from simulations.system import SimContext
-from store.clock import SeededIds
+from store.clock import SeededIds, datetime_to_ms
 from store.factory import MEMORY_URL, StoreConfig, open_app
 from store.unit_of_work import GroupCommitter
 
 #: Namespace of the simulator's deterministic account and Island ids.
 SIM_NAMESPACE = uuid.UUID("6f1d7a52-3c1e-4c55-9a55-0a7c1e0c51a0")
 _TERMINAL_REASON = {Job.TimedOut: "queue_timeout"}
-_CONFIG_KEYS = ("dispatch_batch_max", "max_queued_per_account", "max_queued_total", "log_poll_ms")
+_CONFIG_KEYS = ("dispatch_batch_max", "max_queued_per_account", "max_queued_total", "log_poll_ms", "surge_ratio",
+                "surge_multiplier_permille", "surge_hold_ms")
 #: What ``[coordinator.extra]`` may hold for this adapter (see the module docstring).
 EXTRA_KEYS = frozenset({"region_preference", "prompt_text", "routing_weights", "cargo_min_karma_milli",
                         "verify_restart", *_CONFIG_KEYS})
@@ -143,6 +146,11 @@ class RealSystem:
         self.chat_cargos = frozenset(s for s, c in ctx.cargos.items() if c.kind == "chat")
         self._prompts: dict[int, str] = {}
         self._prefs_cache: dict[tuple[int, str], dict | None] = {}
+        # the market, as the scheduler's notifications show it (no extra log reads)
+        self.job_island: dict[int, int] = {}  # job_no -> the Island it was last offered to
+        self.clearings: dict[str, dict[int, list[int]]] = {}  # cargo -> minute -> [sum, count, min, max]
+        self.earned_by_tier: dict[str, int] = {}
+        self.jobs_by_tier: dict[str, int] = {}
 
         # observation
         self.totals = [0, 0, 0, 0]  # charged, earned, fees, released (from Job events)
@@ -270,7 +278,9 @@ class RealSystem:
         if self.muted:
             return
         self.stats["offers"] += 1
-        self.hooks.offer(self.job_no[offer.job_id], self.island_no[island_id])
+        no = self.job_no[offer.job_id]
+        self.job_island[no] = self.island_no[island_id]
+        self.hooks.offer(no, self.island_no[island_id])
 
     def on_cancel(self, island_id: str, job_id: str) -> None:
         if self.muted:
@@ -286,6 +296,18 @@ class RealSystem:
             self.hooks.requeued(self.job_no[job_id], event.reason)
             return
         if status in ("queued", "assigned", "running", "pending"):
+            if isinstance(event, Job.Assigned) and event.clearing_micro >= 0:
+                minute = (datetime_to_ms(event.timestamp) - self.epoch) // 60_000
+                per = self.clearings.setdefault(event.cargo, {})
+                c = per.get(minute)
+                price = event.clearing_micro
+                if c is None:
+                    per[minute] = [price, 1, price, price]
+                else:
+                    c[0] += price
+                    c[1] += 1
+                    c[2] = min(c[2], price)
+                    c[3] = max(c[3], price)
             return
         no = self.job_no.pop(job_id)  # ended: the scheduler never names it again
         charged = int(getattr(event, "charged_micro", 0) or 0)
@@ -295,6 +317,11 @@ class RealSystem:
             t[1] += event.earning_micro
             t[2] += event.fee_micro
             reason = ""
+            island_no = self.job_island.get(no)
+            if island_no is not None:
+                tier = self.island_spec[island_no].tier
+                self.earned_by_tier[tier] = self.earned_by_tier.get(tier, 0) + event.earning_micro
+                self.jobs_by_tier[tier] = self.jobs_by_tier.get(tier, 0) + 1
         else:
             if charged:  # a partial charge (cancelled mid-stream): the ledger splits it like a settlement
                 earning, fee = split_fee(charged, self.ledger_config.fee_bps)
@@ -303,6 +330,7 @@ class RealSystem:
             reason = _TERMINAL_REASON.get(type(event)) or _short_reason(
                 getattr(event, "reason", "") or getattr(event, "by", ""))
         t[3] += self.job_hold[no] - charged
+        self.job_island.pop(no, None)
         self.open_jobs.discard(no)
         self.stats["ended"] += 1
         self.hooks.job_ended(no, status, reason, charged)
@@ -472,6 +500,8 @@ class RealSystem:
         recorder = self.app.recorder
         mapper = self.app.mapper
         ledger_topics = frozenset(audit.LEDGER_TOPICS)
+        surge_topic = get_topic(Surge.Switched)
+        switches: list[dict[str, Any]] = []
         events = 0
         position = 1
         while True:
@@ -488,7 +518,12 @@ class RealSystem:
                 digest.update(topic)
                 digest.update(len(n.state).to_bytes(4, "little"))
                 digest.update(n.state)
-                if n.topic in ledger_topics:
+                if n.topic == surge_topic:
+                    sw = mapper.to_domain_event(n)
+                    switches.append({"t_s": (datetime_to_ms(sw.timestamp) - self.epoch) / 1000, "active": sw.active,
+                                     "multiplier_permille": sw.multiplier_permille, "queued": sw.queued,
+                                     "free_slots": sw.free_slots})
+                elif n.topic in ledger_topics:
                     ev = mapper.to_domain_event(n)
                     fold.apply(n.id, ev)
                     for _debit, _credit, amount, code in getattr(ev, "transfers", ()) or ():
@@ -500,7 +535,7 @@ class RealSystem:
                    "fees": by_code.get(lnames.FEE, 0), "released": by_code.get(lnames.RELEASE, 0)}
 
         def karma_of(uow):
-            return [uow.get(UUID(iid)).karma_milli for iid in self.island_ids]
+            return [uow.get(UUID(iid)).karma_shown_milli for iid in self.island_ids]
 
         karma = sorted(self.committer.query(karma_of))
         n = len(karma)
@@ -521,11 +556,29 @@ class RealSystem:
                 "open_jobs": len(self.open_jobs),
                 "restarts": self.restarts,
                 "refusals_by_reason": dict(sorted(self.sched.refusals.counts.items())),
+                "market": self._market_report(switches),
                 "adapter": dict(self.stats),
                 "core": dict(self.core.stats),
                 "commits": {"batches": self.committer.stats.batches, "commands": self.committer.stats.commands,
                             "events": self.committer.stats.events},
             },
+        }
+
+
+    def _market_report(self, switches: list[dict[str, Any]]) -> dict[str, Any]:
+        """Surge switches, clearing amounts per minute and Cargo (micro-credits per billing
+        unit), refusals for budget, and Island earnings per tier."""
+        clearing = {}
+        for cargo, per in sorted(self.clearings.items()):
+            clearing[cargo] = [[m, c[0] // c[1], c[2], c[3], c[1]] for m, c in sorted(per.items())]
+        return {
+            "surge_switches": switches,
+            "surge_on": sum(1 for s in switches if s["active"]),
+            "surge_off": sum(1 for s in switches if not s["active"]),
+            "refused_for_budget": self.sched.refusals.counts.get("no_island_within_budget", 0),
+            "clearing_per_minute": clearing,  # [minute, avg, min, max, jobs]
+            "earned_by_tier_micro": dict(sorted(self.earned_by_tier.items())),
+            "jobs_by_tier": dict(sorted(self.jobs_by_tier.items())),
         }
 
 

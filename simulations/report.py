@@ -1,7 +1,8 @@
-"""report.md and the five PNG plots of a run (matplotlib, Agg backend, no display).
+"""report.md and the six PNG plots of a run (matplotlib, Agg backend, no display).
 
 Plots: ``queue_depth.png``, ``wait_cdf.png``, ``utilisation_by_tier.png``, ``karma.png``,
-``credit_flows.png``. A plot whose data the system under test does not provide (karma
+``credit_flows.png``, ``market.png`` (clearing amounts per minute with the surge periods
+shaded, and Island earnings per tier). A plot whose data the system under test does not provide (karma
 and credits for the bare queue) is still written, saying so, so a report always has the
 same files.
 """
@@ -17,7 +18,7 @@ from simulations.metrics import PERCENTILES, job_samples
 if TYPE_CHECKING:
     from simulations.world import World
 
-PLOTS = ("queue_depth.png", "wait_cdf.png", "utilisation_by_tier.png", "karma.png", "credit_flows.png")
+PLOTS = ("queue_depth.png", "wait_cdf.png", "utilisation_by_tier.png", "karma.png", "credit_flows.png", "market.png")
 _MAX_POINTS = 2000
 
 
@@ -161,7 +162,62 @@ def write_plots(world: World, sut_report: dict[str, Any], out: Path) -> list[Pat
         _save(fig, paths[4])
     else:
         _empty(plt, paths[4], "Credit flows", f"system '{sut_report.get('_system', '?')}' keeps no ledger")
+
+    market = (sut_report.get("system") or {}).get("market")
+    if market and market.get("clearing_per_minute"):
+        _market_plot(plt, market, paths[5])
+    else:
+        _empty(plt, paths[5], "Compute Exchange", f"system '{sut_report.get('_system', '?')}' has no market")
     return paths
+
+
+def _market_plot(plt, market: dict[str, Any], path: Path) -> None:
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(8, 7), gridspec_kw={"height_ratios": [3, 2]})
+    for cargo, rows in market["clearing_per_minute"].items():
+        ax.plot([r[0] / 60 for r in rows], [r[1] / 1_000_000 for r in rows], label=f"{cargo} (avg)")
+    on_at = None
+    for sw in market.get("surge_switches", ()):
+        if sw["active"] and on_at is None:
+            on_at = sw["t_s"]
+        elif not sw["active"] and on_at is not None:
+            ax.axvspan(on_at / 3600, sw["t_s"] / 3600, color="#e67e22", alpha=0.2, lw=0)
+            on_at = None
+    if on_at is not None:
+        ax.axvspan(on_at / 3600, ax.get_xlim()[1], color="#e67e22", alpha=0.2, lw=0)
+    ax.set_xlabel("hours (shaded: surge on)")
+    ax.set_ylabel("credits per billing unit")
+    ax.set_title("Clearing amounts per minute")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    tiers = market.get("earned_by_tier_micro", {})
+    bx.bar(list(tiers), [v / 1_000_000 for v in tiers.values()], color="#16a085")
+    bx.set_ylabel("credits earned")
+    bx.set_title(f"Island earnings per tier; refused for budget: {market.get('refused_for_budget', 0)}")
+    bx.tick_params(axis="x", labelsize=8)
+    _save(fig, path)
+
+
+def _market_lines(market: dict[str, Any]) -> list[str]:
+    lines = ["## Compute Exchange", "",
+             f"* surge switched on {market['surge_on']} times and off {market['surge_off']} times"
+             + (" (times in s: " + ", ".join(f"{'on' if s['active'] else 'off'} {s['t_s']:.0f}"
+                                             for s in market["surge_switches"][:40]) + ")"
+                if market["surge_switches"] else ""),
+             f"* Jobs refused for budget (no approved Island within it): {market['refused_for_budget']}", ""]
+    if market.get("clearing_per_minute"):
+        lines += ["| Cargo | clearings | min | avg | max (credits per billing unit) |", "| --- | ---: | ---: | ---: | ---: |"]
+        for cargo, rows in market["clearing_per_minute"].items():
+            n = sum(r[4] for r in rows)
+            avg = sum(r[1] * r[4] for r in rows) // n if n else 0
+            lines.append(f"| {cargo} | {n} | {min(r[2] for r in rows) / 1e6:g} | {avg / 1e6:g} | "
+                         f"{max(r[3] for r in rows) / 1e6:g} |")
+        lines.append("")
+    if market.get("earned_by_tier_micro"):
+        lines += ["| tier | Jobs completed | credits earned |", "| --- | ---: | ---: |"]
+        for tier, micro in market["earned_by_tier_micro"].items():
+            lines.append(f"| {tier} | {market['jobs_by_tier'].get(tier, 0)} | {micro / 1e6:,.2f} |")
+        lines.append("")
+    return lines
 
 
 def _v(x: Any) -> str:
@@ -246,6 +302,9 @@ def write_report(path: Path, metrics: dict[str, Any], outcomes: list[Outcome], *
     else:
         lines.append("* karma: n/a (the system keeps no karma)")
     lines.append("")
+    market = (m.get("system_details") or {}).get("market")
+    if market:
+        lines += _market_lines(market)
     if protocol_errors:
         lines += ["First protocol errors:", ""] + [f"* {e}" for e in protocol_errors[:20]] + [""]
     if plots:

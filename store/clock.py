@@ -73,6 +73,50 @@ class IdSource(Protocol):
     def new_uuid(self) -> uuid.UUID: ...
 
 
+_VERSION4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_VERSION4_SET = (0x8000 << 48) | (4 << 76)
+_set = object.__setattr__
+
+
+class Id(uuid.UUID):
+    """A `uuid.UUID` that remembers its hash and its text. Equal to (and hashing like) the
+    plain UUID of the same value, encoded the same by msgspec, so it mixes freely with
+    UUIDs decoded from the log. Profiles of the simulator showed `UUID.__hash__` (a
+    Python-level `hash(self.int)`) called ~90 times and `UUID.__str__` ~15 times per Job:
+    aggregate ids are dict and set keys all over the write path."""
+
+    __slots__ = ("_hash", "_text")
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __str__(self) -> str:
+        text = self._text
+        if text is None:
+            text = uuid.UUID.__str__(self)
+            _set(self, "_text", text)
+        return text
+
+    def __reduce__(self) -> tuple:
+        return (id_from_int, (self.int,))
+
+
+def id_from_int(value: int) -> Id:
+    """An `Id` with exactly this 128-bit value (no version bits changed)."""
+    assert 0 <= value < 1 << 128, "128-bit value"
+    obj = object.__new__(Id)
+    _set(obj, "int", value)
+    _set(obj, "is_safe", uuid.SafeUUID.unknown)
+    _set(obj, "_hash", hash(value))
+    _set(obj, "_text", None)
+    return obj
+
+
+def version4_id(bits: int) -> Id:
+    """What `uuid.UUID(int=bits, version=4)` is, as an `Id`."""
+    return id_from_int((bits & _VERSION4_CLEAR) | _VERSION4_SET)
+
+
 class RandomIds:
     """Random version-4 UUIDs for aggregate ids (production). A PRNG seeded from the OS:
     uuid4() costs a system call per id, which showed in profiles. Ids are not secrets
@@ -84,7 +128,7 @@ class RandomIds:
 
     def new_uuid(self) -> uuid.UUID:
         with self._lock:
-            return uuid.UUID(int=self._rng.getrandbits(128), version=4)
+            return version4_id(self._rng.getrandbits(128))
 
 
 class SeededIds:
@@ -96,4 +140,4 @@ class SeededIds:
 
     def new_uuid(self) -> uuid.UUID:
         with self._lock:
-            return uuid.UUID(int=self._rng.getrandbits(128), version=4)
+            return version4_id(self._rng.getrandbits(128))

@@ -1,6 +1,17 @@
-"""The frames of a Job's stream: event ids (`<ms>-<seq>`, the SSE `id:` and the
-`Last-Event-ID` to resume after) and the JSON event bodies of the contract
-(status, token, progress, image, error, done)."""
+"""The frames of a Job's stream: event ids (`<ms>-<seq>`, the `Last-Event-ID` to resume
+after), the JSON event bodies of the contract (status, token, progress, image, error,
+done) and the SSE frame layout (decision 0050).
+
+Frame layout. By default each event is ONE line, `data: <one-line JSON>`, then a blank
+line; the event's id rides inside the JSON as `"id"` (the last key). That is the only
+layout the three published clients all read: the JavaScript SDK keeps a block only if it
+starts with `data: ` and JSON-parses everything after it (an `id:` line before the data
+hides the event, after it breaks `JSON.parse`), and the Python SDK's SSE library
+(httpx-sse 0.4) turns every blank line after the first `id:` it ever saw into an event
+with empty data, which the SDK's `json.loads` rejects (so a `: ping` keep-alive after an
+`id:` line crashes it). With `id_lines=True` (the `?id_lines=true` opt-in, for browsers'
+EventSource and other spec-following readers that resume by themselves) the frame is
+`data: <json>` then `id: <id>` then a blank line. Keep-alives are the comment `: ping`."""
 
 from __future__ import annotations
 
@@ -18,6 +29,27 @@ def encode(obj: Any) -> bytes:
 
 
 TERMINAL_PREFIXES = (b'{"type":"done"', b'{"type":"error"')
+KEEPALIVE = b": ping\n\n"  # an SSE comment: every client skips it (decision 0050)
+
+
+def with_id(data: bytes, event_id: str) -> bytes:
+    """The event's JSON with `"id": event_id` added as its last key (a byte splice: the
+    stored event is a JSON object without an `id`; ids are `<ms>-<seq>`, nothing to escape).
+    Anything else (not an object, an id with other characters) is left as it is."""
+    if not (data.startswith(b"{") and data.endswith(b"}")) or not event_id.replace("-", "").isdigit():
+        return data
+    if data == b"{}":
+        return b'{"id":"' + event_id.encode() + b'"}'
+    return data[:-1] + b',"id":"' + event_id.encode() + b'"}'
+
+
+def sse_frame(event_id: str, data: bytes, *, id_line: bool = False) -> bytes:
+    """One whole SSE frame: `data: <json with "id">` (then `id: <id>` with `id_line`),
+    then a blank line. Callers write each frame (or several whole frames) in one write."""
+    frame = b"data: " + with_id(data, event_id) + b"\n"
+    if id_line:
+        frame += b"id: " + event_id.encode() + b"\n"
+    return frame + b"\n"
 
 
 def parse_id(event_id: str | None) -> tuple[int, int] | None:

@@ -266,7 +266,11 @@ def read_sse(client: httpx.Client, path: str, *, last_event_id: str | None = Non
                 continue
             if line == "":
                 if data_lines:
-                    events.append(SseEvent(cur_id, json.loads("\n".join(data_lines))))
+                    data = json.loads("\n".join(data_lines))
+                    # decision 0050: the id rides in the JSON (and, with ?id_lines=true, on an id: line too)
+                    json_id = data.pop("id", None)
+                    assert cur_id is None or cur_id == json_id, (cur_id, json_id)
+                    events.append(SseEvent(cur_id or json_id, data))
                     data_lines, cur_id = [], None
                     if limit is not None and len(events) >= limit:
                         break

@@ -186,7 +186,7 @@ def test_batch_of_10_with_max_parallelism_2(srv):
         inputs = [{"prompt": f"slow {i}", "max_tokens": 32} for i in range(10)]
         made = cl.post("/jobs/batch", json={"workload": "llm-chat", "inputs": inputs, "merge_strategy": "concat",
                                              "fail_mode": "best_effort", "max_parallelism": 2, "region": "eu",
-                                             "bid_price": "100"})
+                                             "bid_price": "4"})  # a budget: credits per 1k tokens (#13)
         assert made.status_code == 201, made.text
         batch = made.json()
         assert "data" not in batch  # no envelope

@@ -355,8 +355,8 @@ def test_register_island_over_http_and_connect_with_its_token(srv, consumer):
         assert raw.welcome.approval == "pending" and raw.welcome.island_id == island["id"]
         wait_for(lambda: srv.online(island["id"]))
         got = client.get(f"/islands/{island['id']}").json()["data"]
-        assert got["online"] and got["connected_here"] and got["karma"] == 0
-        assert Decimal(str(got["karma"])) == 0
+        assert got["online"] and got["connected_here"] and got["karma"] == 50  # decision 0051: a new Island starts at 50
+        assert Decimal(str(got["karma"])) == 50
     finally:
         raw.close()
 
@@ -410,3 +410,35 @@ def test_agent_reconnects_and_resumes_its_running_job_exactly(srv, consumer, age
     tokens = "".join(e["content"] for e in stream_events(srv, jid) if e["type"] == "token")
     assert done["usage"]["completion_tokens"] == 30 and tokens == done["output"]  # nothing lost, nothing twice
     assert done["output"] == "".join(EchoBackend.reply("tinyllama-1.1b-chat", done["input"], 48))
+
+
+def test_heartbeat_asking_prices_are_applied_once_and_bad_ones_refused(srv):
+    from eventsourcing.utils import get_topic
+
+    from scheduler.islands import Island
+    from store.factory import iter_log
+
+    a_id, a_tok = srv.island("asker")
+    a = RawIsland(srv.url, a_tok, caps=LITE, heartbeat_s=30)
+    topic = (get_topic(Island.AsksChanged),)
+
+    def changes() -> list:
+        return [e for _, e in iter_log(srv.c.app, topics=topic) if str(e.originator_id) == a_id]
+
+    try:
+        rec = srv.c.scheduler.core.registry.islands[a_id]
+        prices = {"llm-chat-lite": "0.5", "_default": "0.6"}
+        for seq in (1, 2, 3):  # the same map three times: one event
+            a.send(p.Heartbeat(seq=seq, slots_total=4, free_slots=4, asking_prices=prices))
+            a.expect(p.HeartbeatAck, lambda h, s=seq: h.seq == s)
+        wait_for(lambda: rec.ask_for("llm-chat-lite") == 500_000)
+        assert len(changes()) == 1 and changes()[0].asks_micro == {"_default": 600_000, "llm-chat-lite": 500_000}
+        a.send(p.Heartbeat(seq=4, slots_total=4, free_slots=4, asking_prices={"llm-chat-lite": "-1"}))
+        err = a.expect(p.Error)
+        assert err.code == "bad_asks" and "llm-chat-lite" in err.message
+        assert len(changes()) == 1 and rec.ask_for("llm-chat-lite") == 500_000  # nothing changed
+        a.send(p.Heartbeat(seq=5, slots_total=4, free_slots=4, asking_prices={"llm-chat-lite": "0.7"}))
+        wait_for(lambda: rec.ask_for("llm-chat-lite") == 700_000)
+        assert len(changes()) == 2
+    finally:
+        a.close()

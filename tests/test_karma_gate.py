@@ -39,9 +39,10 @@ def test_benched_island_gets_no_jobs_until_an_operator_adjusts_its_karma():
     world = World()
     island = world.island()
     gate = world.sched.catalog.get("llm-chat").min_karma_milli
-    assert gate < 0
-    down = world.sched.adjust_island_karma(uuid.UUID(island), gate - 5_000, by="alice", reason="test: bench it")
-    assert (down.before_milli, down.after_milli) == (0, gate - 5_000)
+    assert 0 < gate < DEFAULT_RATES.start_milli  # decision 0051: 40 on the 0..100 scale, a new Island has 50
+    down = world.sched.adjust_island_karma(uuid.UUID(island), gate - 5_000 - DEFAULT_RATES.start_milli, by="alice",
+                                           reason="test: bench it")
+    assert (down.before_milli, down.after_milli) == (DEFAULT_RATES.start_milli, gate - 5_000)
     assert _karma(world, island) == gate - 5_000
 
     acct = world.account("c@x", kyc=True, credits_micro=100_000_000)
@@ -59,7 +60,7 @@ def test_benched_island_gets_no_jobs_until_an_operator_adjusts_its_karma():
 
     events = [e for e in world.app.events.get(uuid.UUID(island)) if isinstance(e, Island.KarmaAdjusted)]
     assert [(e.delta_milli, e.by, e.note, e.reason) for e in events] == [
-        (gate - 5_000, "alice", "test: bench it", "operator_adjustment"),
+        (gate - 5_000 - DEFAULT_RATES.start_milli, "alice", "test: bench it", "operator_adjustment"),
         (6_000, "alice", "owner replaced the GPU", "operator_adjustment")]
     assert all(isinstance(e, Island.KarmaChanged) for e in events)  # one karma history for every reader
 
@@ -68,7 +69,7 @@ def test_adjustments_are_bounded_floored_and_refusals_write_nothing():
     world = World()
     island = uuid.UUID(world.island())
     before = world.app.recorder.max_notification_id()
-    for delta in (0, 1_000_001, -1_000_001):
+    for delta in (0, 100_001, -100_001):
         with pytest.raises(BadKarmaAdjustment):
             world.sched.adjust_island_karma(island, delta, by="alice", reason="x")
     with pytest.raises(BadKarmaAdjustment):
@@ -77,13 +78,15 @@ def test_adjustments_are_bounded_floored_and_refusals_write_nothing():
         world.sched.adjust_island_karma(uuid.uuid4(), 5, by="alice", reason="x")
     assert world.app.recorder.max_notification_id() == before
 
-    floored = world.sched.adjust_island_karma(island, -1_000_000, by="alice", reason="typo")
+    floored = world.sched.adjust_island_karma(island, -100_000, by="alice", reason="typo")
     assert floored.after_milli == DEFAULT_RATES.floor_milli  # never below the floor, like every penalty
     with pytest.raises(BadKarmaAdjustment):  # at the floor already: nothing would change
         world.sched.adjust_island_karma(island, -1, by="alice", reason="again")
     carry = world.committer.query(lambda uow: uow.get(island).karma_carry)
     world.sched.adjust_island_karma(island, 100_000, by="alice", reason="undo the typo")
-    assert _karma(world, str(island)) == 0
+    assert _karma(world, str(island)) == DEFAULT_RATES.ceiling_milli  # held at the ceiling (100)
+    with pytest.raises(BadKarmaAdjustment):  # at the ceiling already: nothing would change
+        world.sched.adjust_island_karma(island, 1, by="alice", reason="again")
     assert world.committer.query(lambda uow: uow.get(island).karma_carry) == carry
 
 
@@ -101,10 +104,10 @@ def test_operator_api_adjusts_karma_and_the_islands_read_model_shows_it(server):
         url = f"/islands/{island.island_id}/karma"
         r = a.post(url, json={"delta": "-12.5", "reason": "benched after incident 4"})
         assert r.status_code == 200, r.text
-        assert r.json()["data"] == {"island_id": island.island_id, "karma_before": 0, "karma": -12.5,
+        assert r.json()["data"] == {"island_id": island.island_id, "karma_before": 50, "karma": 37.5,
                                     "applied_delta": -12.5}
         for body in ({"delta": "0.0001", "reason": "x"}, {"delta": "1", "reason": ""}, {"delta": 0, "reason": "x"},
-                     {"delta": "5000", "reason": "x"}, {"delta": "1"}):
+                     {"delta": "500", "reason": "x"}, {"delta": "1"}):
             bad = a.post(url, json=body)
             assert bad.status_code in (400, 422), (body, bad.text)
         assert a.post(f"/islands/{uuid.uuid4()}/karma", json={"delta": "1", "reason": "x"}).status_code == 404
@@ -113,10 +116,10 @@ def test_operator_api_adjusts_karma_and_the_islands_read_model_shows_it(server):
         row: dict = {}
         while time.monotonic() < deadline:
             row = next((x for x in a.get("/islands").json()["data"] if x["island_id"] == island.island_id), {})
-            if row.get("karma_milli") == -12_500:
+            if row.get("karma_milli") == 37_500:
                 break
             time.sleep(0.1)
-        assert row.get("karma_milli") == -12_500, row
+        assert row.get("karma_milli") == 37_500, row
 
 
 def test_cli_adjusts_karma_and_refuses_bad_input_with_exit_2(tmp_path):
@@ -139,10 +142,10 @@ def test_cli_adjusts_karma_and_refuses_bad_input_with_exit_2(tmp_path):
     island_id = json.loads(made.stdout.strip().splitlines()[-1])["island_id"]
     ok = cli("islands", "karma", island_id, "-11.5", "--reason", "incident 9", "--by", "bob")
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout.strip().splitlines()[-1])["karma"] == -11.5
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["karma"] == 38.5
     for args in ((island_id, "0.0001", "--reason", "x"), (island_id, "2"), (island_id, "0", "--reason", "x"),
                  ("not-an-id", "1", "--reason", "x")):
         bad = cli("islands", "karma", *args)
         assert bad.returncode == 2, (args, bad.stdout, bad.stderr)
     listed = json.loads(cli("islands", "list", "--json").stdout)
-    assert [r["karma_milli"] for r in listed if r["island_id"] == island_id] == [-11_500]
+    assert [r["karma_milli"] for r in listed if r["island_id"] == island_id] == [38_500]

@@ -177,7 +177,11 @@ def test_pairing_binds_the_island_and_a_wrong_or_used_code_changes_nothing(srv, 
 
 def test_chat_job_streams_and_completes_over_nats(srv, nats_server, consumer, agents):
     _, client = consumer
-    agent = start_paired(srv, nats_server, agents, client)
+    agent = start_paired(srv, nats_server, agents, client, asking_prices={"llm-chat": "4.5", "_default": "3"})
+    # the heartbeat's asking_prices reach the exchange (Island.AsksChanged), once
+    wait_for(lambda: srv.c.scheduler.core.registry.islands[agent.host_id].asks_micro ==
+             {"llm-chat": 4_500_000, "_default": 3_000_000}, 10)
+    assert srv.nats.stats["asks_changed"] == 1
     before = balance(client)
     jid = submit(client, "llm-chat", CHAT)
     wait_for(status_is(client, jid, "completed"), 20)

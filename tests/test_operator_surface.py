@@ -111,7 +111,7 @@ def test_admin_cli_group_runs_every_operator_action(tmp_path):
     assert _last_json(_cli(env, "admin", "islands", "approve", island, "--reason", "ok"))["approval"] == "approved"
     assert _last_json(_cli(env, "admin", "islands", "drain", island, "--reason", "swap"))["draining"] is True
     assert _last_json(_cli(env, "admin", "islands", "undrain", island, "--reason", "done"))["draining"] is False
-    assert _last_json(_cli(env, "admin", "islands", "karma", island, "-2", "--reason", "late"))["karma"] == -2
+    assert _last_json(_cli(env, "admin", "islands", "karma", island, "-2", "--reason", "late"))["karma"] == 48  # decision 0051: from the start at 50
     assert _last_json(_cli(env, "admin", "islands", "suspend", island, "--reason", "abuse"))["approval"] == "suspended"
     assert _last_json(_cli(env, "admin", "cargos", "disable", "sdxl", "--reason", "bad model"))["enabled"] is False
     assert _last_json(_cli(env, "admin", "cargos", "enable", "sdxl", "--reason", "fixed"))["enabled"] is True

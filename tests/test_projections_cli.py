@@ -113,7 +113,7 @@ def test_statement_balance_export_and_projection_commands(cli, store_config):
     # projections: status, rebuild one and all, verify ok
     code, out, _ = cli("projections", "status")
     st = _json(out)
-    assert code == 0 and {p["name"] for p in st["projections"]} == {"jobs", "islands", "ledger"}
+    assert code == 0 and {p["name"] for p in st["projections"]} == {"jobs", "islands", "ledger", "market"}
     code, out, _ = cli("projections", "rebuild", "ledger")
     assert code == 0 and _json(out)["rebuilt"] == ["ledger"]
     code, out, _ = cli("projections", "rebuild")

@@ -85,8 +85,9 @@ def test_ledger_views_match_the_fold_at_every_position(store_config):
             1 for j in read.list_jobs(str(free)) if j["status"] == "completed")
         for i in islands:
             hist = read.karma_history(i["island_id"])
-            assert (hist[0]["karma_after_milli"] if hist else 0) == i["karma_milli"]
-            assert sum(h["delta_milli"] for h in hist) == i["karma_milli"]
+            start = 50_000  # decision 0051: a new Island starts at 50 on the 0..100 scale
+            assert (hist[0]["karma_after_milli"] if hist else start) == i["karma_milli"]
+            assert start + sum(h["delta_milli"] for h in hist) == i["karma_milli"]
         proj.close()
     finally:
         world.close()

@@ -1,0 +1,264 @@
+"""Where a Job's time goes (issue #17, "a profile first").
+
+    python -m bench profile [--jobs N] [--seconds S] [--top K] [--no-pg]
+
+Two measurements, each against its own baseline in the same run:
+
+1. **Simulated Jobs** (the real scheduler, ledger and routing on the simulator's virtual
+   clock, baseline scenario): a cProfile pass over `--jobs` Jobs, the top `--top`
+   functions by own time with microseconds per Job, the share of each code area, events
+   and commands per Job, and allocations per Job (tracemalloc: bytes and blocks allocated
+   and still alive at the end of the run, per Job; and gc-tracked objects created per Job,
+   counted by a gc callback on generation-0 collections with the threshold set to 1, so
+   every tracked allocation is seen). Baseline: the bare queue model on the same demand.
+2. **PostgreSQL lifecycles** (`bench lifecycle`'s load: submit → assign → accept →
+   complete, group commit): statements, round trips, transactions and commits per Job
+   counted at the psycopg layer of this process (every `execute`, `executemany`, `copy`
+   and `commit`), the mean commit batch, and a yappi profile of every thread (the writer
+   thread included), top `--top` by own time. Baseline: the same load with one command
+   per transaction.
+
+Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import os
+import pstats
+import threading
+import time
+import tracemalloc
+from collections import Counter
+from typing import Any
+
+from bench.common import ratio
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _where(filename: str, line: int, name: str) -> str:
+    if filename.startswith(ROOT):
+        filename = filename[len(ROOT) + 1:]
+    elif "site-packages/" in filename:
+        filename = filename.split("site-packages/", 1)[1]
+    elif filename == "~":
+        return name  # a C function
+    return f"{name} ({filename}:{line})"
+
+
+def top_by_own_time(stats: dict, jobs: int, top: int) -> tuple[list[dict[str, Any]], float]:
+    rows = []
+    total = 0.0
+    for (filename, line, name), (_cc, ncalls, tottime, _cumtime, _callers) in stats.items():
+        total += tottime
+        rows.append((tottime, ncalls, _where(filename, line, name)))
+    rows.sort(reverse=True)
+    return ([{"function": where, "own_us_per_job": round(1e6 * t / jobs, 2), "calls_per_job": round(n / jobs, 2),
+              "share": round(t / total, 4) if total else 0.0} for t, n, where in rows[:top]], total)
+
+
+# ---------------------------------------------------------------------- simulator
+def profile_sim(jobs: int, top: int) -> dict[str, Any]:
+    from simulations.bench import AREAS, measure
+    from simulations.baseline import BareQueue
+    from simulations.runner import build_world
+    from simulations.scenario import load_scenario, with_overrides
+    from simulations.systems import make_system
+
+    res = with_overrides(load_scenario("baseline"), max_jobs=jobs, unlimited_duration=True)
+    bare = measure(res, BareQueue, 1)
+    timed = measure(res, lambda: make_system("real"), 1)
+    sut = timed["world"].sut
+    n_jobs = timed["jobs"]
+    events_per_job = (sut.committer.stats.events - timed["setup_events"]) / n_jobs
+    commands_per_job = sut.committer.stats.commands / n_jobs
+
+    # cProfile pass (slower than the timed run; shares and per-Job ratios are what count)
+    world = build_world(res, make_system("real"))
+    prof = cProfile.Profile()
+    prof.enable()
+    world.run()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows, total = top_by_own_time(stats, len(world.jobs), top)
+    areas: Counter[str] = Counter()
+    for (filename, _line, _name), (_cc, _nc, tottime, _ct, _callers) in stats.items():
+        area = next((label for label, frags in AREAS if any(f in filename for f in frags)), "other (stdlib, msgspec)")
+        areas[area] += tottime
+
+    # allocations: tracemalloc (bytes and blocks alive at the end) and gc-tracked objects created
+    world = build_world(res, make_system("real"))
+    created = [0]
+    thresholds = gc.get_threshold()
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start" and info.get("generation") == 0:
+            created[0] += 1
+
+    gc.collect()
+    gc.callbacks.append(on_gc)
+    gc.set_threshold(1, thresholds[1], thresholds[2])
+    tracemalloc.start()
+    try:
+        world.run()
+        current_bytes, peak_bytes = tracemalloc.get_traced_memory()
+        blocks = sum(s.count for s in tracemalloc.take_snapshot().statistics("filename"))
+    finally:
+        tracemalloc.stop()
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(on_gc)
+    n = len(world.jobs)
+    return {
+        "jobs": n_jobs, "real_jobs_per_s": round(timed["jobs_per_s"]), "bare_jobs_per_s": round(bare["jobs_per_s"]),
+        "ratio": ratio(timed["jobs_per_s"], bare["jobs_per_s"]),
+        "real_us_per_job": round(1e6 * timed["wall_s"] / n_jobs, 1),
+        "real_cpu_us_per_job": round(1e6 * timed["cpu_s"] / n_jobs, 1),
+        "events_per_job": round(events_per_job, 3), "commands_per_job": round(commands_per_job, 3),
+        "profiled_us_per_job": round(1e6 * total / len(world.jobs), 1),
+        "top": rows, "areas": {k: round(v / total, 4) for k, v in areas.most_common()},
+        "gc_tracked_objects_created_per_job": round(created[0] / n, 1),
+        "bytes_alive_per_job": round(current_bytes / n), "blocks_alive_per_job": round(blocks / n, 1),
+        "peak_traced_mb": round(peak_bytes / 2**20, 1),
+    }
+
+
+# ---------------------------------------------------------------------- PostgreSQL
+class PsycopgCounter:
+    """Counts what this process sends through psycopg: statements (`execute`, each row of
+    `executemany` is not a round trip when pipelined, so both are counted), COPY
+    operations, commits and rollbacks. Installed by patching the classes for the run."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _wrap(self, cls: Any, name: str, key: str) -> None:
+        original = getattr(cls, name)
+        counts, lock = self.counts, self.lock
+
+        def wrapper(obj: Any, *args: Any, **kwargs: Any) -> Any:
+            with lock:
+                counts[key] += 1
+            return original(obj, *args, **kwargs)
+
+        self._saved.append((cls, name, original))
+        setattr(cls, name, wrapper)
+
+    def __enter__(self) -> PsycopgCounter:
+        import psycopg
+
+        self._wrap(psycopg.Cursor, "execute", "execute")
+        self._wrap(psycopg.Cursor, "executemany", "executemany")
+        self._wrap(psycopg.Cursor, "copy", "copy")
+        self._wrap(psycopg.Connection, "commit", "commit")
+        self._wrap(psycopg.Connection, "rollback", "rollback")
+        self._wrap(psycopg.Transaction, "__exit__", "transaction_block")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for cls, name, original in reversed(self._saved):
+            setattr(cls, name, original)
+        self._saved.clear()
+
+
+def profile_pg(seconds: float, top: int) -> dict[str, Any]:
+    from bench.lifecycle import _drop, _pg, run
+
+    out: dict[str, Any] = {}
+    for name, max_batch, inflight in (("group", 500, 2_000), ("single", 1, 64)):
+        store = _pg("bench_prof")
+        try:
+            with PsycopgCounter() as counter:
+                r = run(store, seconds=seconds, inflight=inflight, islands=200, max_batch=max_batch)
+        finally:
+            _drop(store)
+        jobs = max(1, r["lifecycles"])
+        c = counter.counts
+        statements = c["execute"] + c["executemany"] + c["copy"]
+        transactions = c["commit"] + c["transaction_block"]
+        out[name] = {"lifecycles_per_s": round(r["per_s"]), "lifecycles": r["lifecycles"],
+                     "mean_commit_batch": round(r["mean_batch"], 1),
+                     "statements_per_job": round(statements / jobs, 3),
+                     "round_trips_per_job": round((statements + c["commit"]) / jobs, 3),
+                     "transactions_per_job": round(transactions / jobs, 3), "errors": r["errors"],
+                     "raw_counts": dict(c)}
+    # a yappi profile of the group-commit run (every thread)
+    try:
+        import yappi
+    except ImportError:  # pragma: no cover - yappi is a dev dependency
+        out["profile"] = None
+        return out
+    store = _pg("bench_prof")
+    yappi.set_clock_type("cpu")
+    yappi.clear_stats()
+    yappi.start(builtins=True, profile_threads=True)
+    try:
+        r = run(store, seconds=seconds, inflight=2_000, islands=200, max_batch=500)
+    finally:
+        yappi.stop()
+        _drop(store)
+    jobs = max(1, r["lifecycles"])
+    stats = sorted(yappi.get_func_stats(), key=lambda s: s.tsub, reverse=True)
+    total = sum(s.tsub for s in stats) or 1.0
+    out["profile"] = {"lifecycles": r["lifecycles"], "cpu_us_per_job": round(1e6 * total / jobs, 1),
+                      "top": [{"function": _where(s.module, s.lineno, s.name), "own_us_per_job":
+                               round(1e6 * s.tsub / jobs, 2), "calls_per_job": round(s.ncall / jobs, 2),
+                               "share": round(s.tsub / total, 4)} for s in stats[:top]]}
+    yappi.clear_stats()
+    return out
+
+
+def _print_top(title: str, rows: list[dict[str, Any]]) -> None:
+    print(title)
+    print(f"  {'own us/Job':>10} {'calls/Job':>9} {'share':>6}  function")
+    for r in rows:
+        print(f"  {r['own_us_per_job']:10.2f} {r['calls_per_job']:9.2f} {100 * r['share']:5.1f}%  {r['function']}")
+
+
+def main(argv: list[str]) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench profile")
+    ap.add_argument("--jobs", type=int, default=5_000, help="simulated Jobs profiled")
+    ap.add_argument("--seconds", type=float, default=5.0, help="seconds of PostgreSQL lifecycles per run")
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL part")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    sim = profile_sim(args.jobs, args.top)
+    print(f"simulated Jobs: {sim['real_jobs_per_s']:,} Jobs/s real rules vs {sim['bare_jobs_per_s']:,} bare queue "
+          f"(ratio {sim['ratio']}); {sim['real_us_per_job']} us wall, {sim['real_cpu_us_per_job']} us CPU per Job; "
+          f"{sim['events_per_job']} events and {sim['commands_per_job']} commands per Job")
+    print(f"  allocations per Job: {sim['gc_tracked_objects_created_per_job']} gc-tracked objects created; "
+          f"{sim['bytes_alive_per_job']} bytes / {sim['blocks_alive_per_job']} blocks still alive at the end")
+    print("  areas (share of own time): " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in sim["areas"].items()))
+    _print_top(f"  top {args.top} by own time (cProfile, {sim['profiled_us_per_job']} us per Job profiled):",
+               sim["top"])
+    result: dict[str, Any] = {"bench": "profile", "sim_jobs_per_s": sim["real_jobs_per_s"],
+                              "baseline_sim_jobs_per_s": sim["bare_jobs_per_s"], "ratio": sim["ratio"],
+                              "sim_us_per_job": sim["real_us_per_job"], "sim_cpu_us_per_job": sim["real_cpu_us_per_job"],
+                              "sim_events_per_job": sim["events_per_job"],
+                              "sim_commands_per_job": sim["commands_per_job"],
+                              "sim_objects_per_job": sim["gc_tracked_objects_created_per_job"]}
+    if not args.no_pg:
+        pg = profile_pg(args.seconds, args.top)
+        g, s = pg["group"], pg["single"]
+        for name, r in (("group commit", g), ("one per transaction", s)):
+            print(f"PostgreSQL {name}: {r['lifecycles_per_s']:,} lifecycles/s; per Job {r['statements_per_job']} "
+                  f"statements, {r['round_trips_per_job']} round trips, {r['transactions_per_job']} transactions; "
+                  f"mean commit batch {r['mean_commit_batch']} commands")
+        if pg.get("profile"):
+            prof = pg["profile"]
+            _print_top(f"  top {args.top} by own CPU time, every thread, under yappi ({prof['lifecycles']} "
+                       f"lifecycles in the profiled run, {prof['cpu_us_per_job']} us CPU per Job with the "
+                       f"profiler's overhead; read the shares):", prof["top"])
+        result.update(pg_lifecycles_per_s=g["lifecycles_per_s"], baseline_pg_lifecycles_per_s=s["lifecycles_per_s"],
+                      pg_ratio=ratio(g["lifecycles_per_s"], s["lifecycles_per_s"]),
+                      pg_round_trips_per_job=g["round_trips_per_job"],
+                      pg_statements_per_job=g["statements_per_job"],
+                      pg_transactions_per_job=g["transactions_per_job"], pg_mean_commit_batch=g["mean_commit_batch"],
+                      pg_cpu_us_per_job=(pg.get("profile") or {}).get("cpu_us_per_job"))
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
