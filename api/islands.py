@@ -26,10 +26,13 @@ import msgspec
 from litestar import MediaType, Request, Response, get, post
 from litestar.params import FromPath, JSONBody
 
-from api.errors import not_found, unauthorized, validation_failed
+from api.errors import ApiError, not_found, unauthorized, validation_failed
 from protocol.island import make_token
 from api.schemas import encode, iso
 from scheduler.islands import Island
+from protocol.nats import nats_user
+from scheduler.commands import IslandExists
+from scheduler.pairing import hash_password, make_password, normalize_code
 from scheduler.registry import BadCapabilities, parse_capabilities
 
 
@@ -41,6 +44,11 @@ class IslandCreate(msgspec.Struct, kw_only=True):
     name: str
     region: str | None = None
     capabilities: dict[str, Any] | None = None
+
+
+class PairBody(msgspec.Struct, kw_only=True):
+    code: str
+    name: str | None = None
 
 
 class IslandOut(msgspec.Struct, kw_only=True):
@@ -104,6 +112,8 @@ class IslandViews:
         self.c = coordinator
         self.sched = coordinator.scheduler
         self.connected = connected
+        self.pairing: Any = None  # scheduler/pairing.py codes, when the NATS transport is on
+        self.nats_url = ""  # COORDINATOR_NATS_URL (its host part is shown in the Island's URL hint)
 
     async def island(self, island_id: uuid.UUID) -> Island | None:
         fresh = self.sched.shared_store
@@ -159,4 +169,69 @@ def islands_handlers(views: IslandViews) -> list:
             raise not_found("island")
         return _ok({"data": views.out(isl)})
 
-    return [create_island, list_islands, get_island]
+    @post("/api/v1/islands/pair", status_code=201,
+          summary="Pair an Island of the published agent (NATS) with the code it printed")
+    async def pair_island(request: Request, data: JSONBody[PairBody]) -> Response:
+        """Binds the Island to the calling account; it then waits for operator approval.
+        The answer holds the Island's NATS password, shown once (decision 0055)."""
+        owner = account_of(request)
+        pairing = views.pairing
+        if pairing is None:
+            raise ApiError(404, "not_found", "pairing is not enabled on this coordinator (COORDINATOR_NATS_URL)")
+        code = normalize_code(data.code)
+        if not 4 <= len(code) <= 16:
+            raise validation_failed({"code": ["the pairing code the Island printed (8 letters and digits)"]})
+        name = (data.name or "").strip()
+        if len(name) > MAX_NAME:
+            raise validation_failed({"name": [f"at most {MAX_NAME} characters"]})
+        if await pairing.blocked(str(owner)):
+            raise ApiError(429, "rate_limited", "too many wrong pairing codes; try again in a minute",
+                           headers={"Retry-After": "60"})
+        pending = await pairing.redeem(code)
+        if pending is None:
+            await pairing.failed_attempt(str(owner))
+            raise validation_failed({"code": ["unknown, used or expired pairing code"]})
+        island_id = uuid.UUID(pending.host_id)
+        password = make_password()
+        pw_hash = await asyncio.to_thread(hash_password, password)
+        caps = dict(pending.capabilities) or {"transport": "nats"}
+        try:
+            await asyncio.to_thread(sched.pair_island, island_id, owner, name or f"island-{pending.host_id[:8]}",
+                                    caps, agent_version=pending.agent_version, nats_user=nats_user(pending.host_id),
+                                    password_hash=pw_hash, by=f"account:{owner}")
+        except IslandExists:
+            raise ApiError(409, "conflict", "this Island is already paired") from None
+        except BadCapabilities as exc:
+            raise validation_failed({"capabilities": [str(exc)]}) from None
+        isl = await views.island(island_id)
+        assert isl is not None
+        return _ok({"data": views.out(isl), "nats": _nats_credentials(views.nats_url, pending.host_id, password)}, 201)
+
+    @post("/api/v1/islands/{island_id:str}/nats-credentials", status_code=201,
+          summary="A new NATS password for one of the account's NATS Islands (shown once)")
+    async def rotate_nats(request: Request, island_id: FromPath[str]) -> Response:
+        owner = str(account_of(request))
+        iid = _island_uuid(island_id)
+        isl = await views.island(iid)
+        if isl is None or isl.owner_account_id != owner:
+            raise not_found("island")
+        if getattr(isl, "transport", "websocket") != "nats":
+            raise ApiError(409, "conflict", "this Island does not use the NATS transport")
+        password = make_password()
+        pw_hash = await asyncio.to_thread(hash_password, password)
+        await asyncio.to_thread(sched.issue_nats_credential, iid, nats_user=nats_user(str(iid)),
+                                password_hash=pw_hash, by=f"account:{owner}")
+        return _ok({"data": {"island_id": str(iid)}, "nats": _nats_credentials(views.nats_url, str(iid), password)},
+                   201)
+
+    return [create_island, list_islands, get_island, pair_island, rotate_nats]
+
+
+def _nats_credentials(coordinator_url: str, host_id: str, password: str) -> dict[str, str]:
+    """The Island's NATS user and password, and the URL to put in its config."""
+    from protocol.nats import split_url
+
+    bare = split_url(coordinator_url)[0] if coordinator_url else "nats://HOST:4222"
+    scheme, _, hostport = bare.partition("://")
+    user = nats_user(host_id)
+    return {"user": user, "password": password, "url": f"{scheme}://{user}:{password}@{hostport}"}

@@ -3,6 +3,8 @@ coordinator/wiring.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
@@ -30,6 +32,7 @@ class Coordinator:
     listeners: FanoutListener  # add SchedulerListeners here (SSE publisher, Island channel)
     # `coordinator accounts create` merges what this returns into its output (an API key).
     after_account_created: Callable[[UUID], dict] | None = None
+    nats_link: Any = None  # the NATS Island transport (islandlink/nats.py) when COORDINATOR_NATS_URL is set
 
     def close(self) -> None:
         self.scheduler.stop()

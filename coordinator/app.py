@@ -162,6 +162,7 @@ def create_server_app(services: ApiServices, web_env: Any = None) -> Litestar:
     channel = build_island_channel(services.coordinator, services.broker)
     metrics.install(services)
     views = island_views(channel)
+    nats = nats_transport(services, channel, views)
     admin = operator_router(services, islands=views)
     st = services.settings
     web = web_parts(services, WebSettings.from_env(web_env, data_dir=st.data_dir, host=st.api.host, port=st.api.port),
@@ -171,8 +172,42 @@ def create_server_app(services: ApiServices, web_env: Any = None) -> Litestar:
         kwargs["template_config"] = web.template_config
     return create_app(services, extra_handlers=[*island_routes(channel, views), admin,
                                                 metrics.metrics_handler, *web.handlers],
-                      open_paths=("/api/v1/admin", "/metrics"), extra_lifespans=[channel.lifespan],
+                      open_paths=("/api/v1/admin", "/metrics"),
+                      extra_lifespans=[channel.lifespan, *([nats_lifespan(nats)] if nats else [])],
                       outer_middleware=web.middleware, app_kwargs=kwargs)
+
+
+def nats_transport(services: Any, channel: Any, views: Any, env: Any = None) -> Any:
+    """The NATS transport beside the WebSocket one when COORDINATOR_NATS_URL is set (else
+    None: nothing changes). Its pairing codes are shared with the owner's pairing route."""
+    from islandlink.nats import NatsSettings, build_nats_link
+    from scheduler.pairing import PairingSettings, build_pairing_codes
+
+    settings = NatsSettings.from_env(env)
+    if settings is None:
+        return None
+    cs = services.settings
+    pairing = build_pairing_codes(cs.redis_url, cs.api.redis_prefix, PairingSettings())
+    link = build_nats_link(services.coordinator, channel, settings, pairing)
+    views.pairing = pairing
+    views.nats_url = settings.url
+    services.coordinator.nats_link = link
+    return link
+
+
+def nats_lifespan(link: Any) -> Any:
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any = None) -> Any:
+        await link.start()
+        try:
+            yield
+        finally:
+            await link.close()
+            await link.pairing.close()
+
+    return lifespan
 
 
 def island_views(channel: Any) -> Any:

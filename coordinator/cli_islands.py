@@ -56,6 +56,27 @@ def cmd_islands_create(c, args) -> int:
     return 0
 
 
+def cmd_islands_nats_credentials(c, args) -> int:
+    """A new NATS password for a paired NATS Island, printed once (decision 0055). The old
+    one stops working when the coordinator next writes the NATS authorization file."""
+    from protocol.nats import nats_user
+    from scheduler.commands import NotNatsIsland, NotYourJob
+    from scheduler.pairing import hash_password, make_password
+
+    island_id = _uuid(args.island_id, "island")
+    password = make_password()
+    try:
+        c.scheduler.issue_nats_credential(island_id, nats_user=nats_user(str(island_id)),
+                                          password_hash=hash_password(password), by=args.by or "operator")
+    except (NotNatsIsland, NotYourJob) as exc:
+        raise _usage(str(exc)) from None
+    user = nats_user(str(island_id))
+    _print({"island_id": str(island_id), "user": user, "password": password,
+            "url": f"nats://{user}:{password}@NATS_HOST:4222",
+            "note": "shown once; put it in the Island's NATS URL (its config's nats_url)"})
+    return 0
+
+
 def cmd_islands_list(c, args) -> int:
     """Every Island from the log (approval, online, karma, capabilities)."""
     from scheduler.dispatcher import ISLAND_TOPICS
@@ -147,10 +168,71 @@ def make_agent_config(args) -> Any:
                        grace_s=args.grace_s, agent_name=f"archipelag-reference-island/0.1 ({args.backend})")
 
 
+TIER_TOK_S = {1: 10.0, 2: 30.0, 3: 60.0, 4: 120.0}  # what the agent would estimate at each hardware tier
+
+
+def make_nats_agent_config(args) -> Any:
+    """`island run --transport nats`: the published agent's protocol (island/nats_agent.py);
+    the chat backend (echo/openai) and the image backend side by side (an agent of the
+    published kind is offered every Cargo its runtimes can run)."""
+    from pathlib import Path
+
+    from island.backends import EchoBackend, ImageBackend
+    from island.nats_agent import NatsAgentConfig
+
+    chosen = make_agent_config(args).backend
+    backends = [chosen]
+    if "chat" in chosen.kinds:
+        backends.append(ImageBackend(steps_per_s=args.steps_per_s, slots=2))
+    else:
+        backends.append(EchoBackend(tokens_per_s=args.tokens_per_s, first_token_s=args.first_token_s,
+                                    reply_tokens=args.reply_tokens))
+    asks: dict[str, str] = {}
+    for ask in args.ask or ():
+        slug, _, price = ask.partition("=")
+        asks[slug] = price
+    caps = chosen.default_capabilities()
+    tier = args.hardware_tier if args.hardware_tier is not None else caps.hardware_tier
+    return NatsAgentConfig(url=args.server, backends=backends, host_id=args.host_id or "",
+                           state_dir=Path(args.state_dir) if args.state_dir else None,
+                           ram_mb=args.ram_mb or caps.ram_mb, gpu_model=args.gpu_model or caps.gpu_model or None,
+                           gpu_vram_mb=args.vram_mb or caps.vram_mb or None, cpu_cores=caps.cpu_cores,
+                           region=args.region, heartbeat_s=args.heartbeat_s, lease_every_s=args.lease_every_s,
+                           asking_prices=asks or None, max_concurrent=args.slots,
+                           estimated_llm_tok_s=TIER_TOK_S.get(tier))
+
+
+def cmd_island_run_nats(args) -> int:
+    from island.nats_agent import NatsIslandAgent
+
+    try:
+        config = make_nats_agent_config(args)
+    except Exception as exc:  # noqa: BLE001
+        print(f"coordinator: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        agent = NatsIslandAgent(config)
+        print(f"island host id: {agent.host_id}", file=sys.stderr, flush=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, agent.request_stop)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        return await agent.run()
+
+    return asyncio.run(main())
+
+
 def cmd_island_run(_c, args) -> int:
     from coordinator.logs import configure_logging
     from island.agent import IslandAgent
 
+    if getattr(args, "transport", "websocket") == "nats":
+        configure_logging(os.environ.get("COORDINATOR_LOG_FORMAT") or "auto",
+                          os.environ.get("COORDINATOR_LOG_LEVEL") or "info")
+        return cmd_island_run_nats(args)
     token = args.token or os.environ.get("ISLAND_TOKEN")
     if not token:
         print("coordinator: --token (or ISLAND_TOKEN) is required", file=sys.stderr)
@@ -188,6 +270,10 @@ def add_island_commands(sub: Any) -> None:
     cr.add_argument("--approve", action="store_true", help="approve at once (otherwise pending)")
     cr.set_defaults(func=cmd_islands_create)
     add_island_action_parsers(isl, drain=False)
+    nc = isl.add_parser("nats-credentials", help="issue a new NATS password for a NATS Island (printed once)")
+    nc.add_argument("island_id")
+    nc.add_argument("--by", default=None, help="who asks (recorded in the event)")
+    nc.set_defaults(func=cmd_islands_nats_credentials)
     ls = isl.add_parser("list", help="every Island with approval, online state and karma")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_islands_list)
@@ -195,7 +281,15 @@ def add_island_commands(sub: Any) -> None:
     one = sub.add_parser("island", help="run the reference Island agent").add_subparsers(dest="cmd", required=True)
     r = one.add_parser("run", help="connect to a coordinator and run Jobs (Ctrl-C drains, twice returns Jobs)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--server", required=True, help="coordinator base URL, e.g. http://127.0.0.1:8000")
+    r.add_argument("--server", required=True, help="coordinator base URL, e.g. http://127.0.0.1:8000; with "
+                   "--transport nats the NATS URL with the Island's credentials, nats://host-ID:PASSWORD@HOST:4222 "
+                   "(nats://pairing:pairing@HOST:4222 before pairing)")
+    r.add_argument("--transport", choices=("websocket", "nats"), default="websocket",
+                   help="websocket: our own Island channel; nats: the published agent's NATS JetStream protocol")
+    r.add_argument("--host-id", default=None, help="nats: the Island's host id (default: from --state-dir or new)")
+    r.add_argument("--state-dir", default=None, help="nats: where state.json (host id, paired) is kept")
+    r.add_argument("--heartbeat-s", type=float, default=10.0, help="nats: heartbeat period")
+    r.add_argument("--lease-every-s", type=float, default=30.0, help="nats: lease renewal period per running Job")
     r.add_argument("--token", default=None, help="the Island token (or ISLAND_TOKEN)")
     r.add_argument("--backend", choices=("echo", "flaky", "openai", "image"), default="echo")
     r.add_argument("--backend-url", default=None, help="openai: the OpenAI-compatible server's base URL")

@@ -95,6 +95,16 @@ class LiveCollector:
         leader = GaugeMetricFamily("coordinator_dispatch_leader", "1 if this process dispatches")
         leader.add_metric([], 1 if core.leader.is_leader() else 0)
         yield from (queue, live, islands, refusals, batches, commands, conflicts, recent, leader)
+        link = getattr(self.c, "nats_link", None)
+        if link is not None:
+            nats_msgs = CounterMetricFamily("coordinator_nats_messages", "NATS Island link events by kind "
+                                            "(bad_messages:<subject>, refused:<code>, offers, heartbeats, ...)",
+                                            labels=["kind"])
+            for kind, n in sorted(link.stats.items()):
+                nats_msgs.add_metric([kind], n)
+            connected = GaugeMetricFamily("coordinator_nats_connected", "1 while the NATS link is connected")
+            connected.add_metric([], 1 if link.connected.is_set() else 0)
+            yield from (nats_msgs, connected)
 
 
 def install(services: Any, registry: CollectorRegistry = REGISTRY) -> None:

@@ -242,6 +242,7 @@ class IslandBus:
         self._loop_thread: int | None = None
         self._islands: dict[str, tuple[str, Deliver]] = {}  # island -> (conn id, deliver); loop thread writes
         self._jobs: dict[str, str] = {}  # job -> island, for Jobs running on a socket held here
+        self.transports: list[Any] = []  # other transports any process can deliver through (NATS)
         self.stats = collections.Counter()
 
     # -- lifecycle
@@ -269,6 +270,22 @@ class IslandBus:
     def holds_island(self, island_id: str) -> bool:
         return island_id in self._islands
 
+    def add_transport(self, transport: Any) -> None:
+        """A transport that reaches its Islands from any process (`handles(island_id)`,
+        `deliver(note)` on the loop thread): the NATS link (islandlink/nats.py). Notes for
+        an Island no local socket holds go to the first transport that handles it."""
+        self.transports.append(transport)
+
+    def _transport(self, island_id: str) -> Any:
+        for t in self.transports:
+            if t.handles(island_id):
+                return t
+        return None
+
+    def reaches_island(self, island_id: str) -> bool:
+        """A local socket holds the Island, or a transport reaches it from here."""
+        return island_id in self._islands or (bool(self.transports) and self._transport(island_id) is not None)
+
     def claim_job(self, job_id: str, island_id: str) -> None:
         self._jobs[job_id] = island_id
 
@@ -285,7 +302,7 @@ class IslandBus:
 
     def to_local(self, island_id: str, note: Any) -> None:
         """Only if this process holds the Island's socket (log-derived notes)."""
-        if island_id in self._islands:
+        if island_id in self._islands or (self.transports and self._transport(island_id) is not None):
             self._hop(self._route, island_id, note, False)
 
     def _hop(self, fn: Callable[..., None], *args: Any) -> None:
@@ -306,6 +323,9 @@ class IslandBus:
         if entry is not None:
             self.stats["delivered_local"] += 1
             entry[1](note)
+        elif self.transports and (t := self._transport(island_id)) is not None:
+            self.stats["delivered_transport"] += 1
+            t.deliver(note)
         elif publish:
             self._publish_island(island_id, note)
         else:
@@ -487,7 +507,7 @@ class BusListener:
     def job_changed(self, job_id: str, status: str, event: Any) -> None:
         if isinstance(event, Job.Assigned):
             # the log's copy of the offer: reaches the holder even if the bus lost the fast one
-            if self.bus.holds_island(event.island_id) and event.ack_deadline_ms > self.now_ms():
+            if self.bus.reaches_island(event.island_id) and event.ack_deadline_ms > self.now_ms():
                 live = self.live_job(event.originator_id)
                 if live is not None:
                     self.bus.to_local(event.island_id, OfferNote(

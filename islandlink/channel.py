@@ -16,7 +16,6 @@ logged as `island_message_refused` with the Island, the Job, the message type an
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hmac
 import os
@@ -24,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import structlog
@@ -33,41 +32,31 @@ from litestar.exceptions import WebSocketDisconnect
 
 from protocol import island as p
 from islandlink.bus import (
-    MAX_OUTPUT_BYTES,
     BusListener,
     CancelNote,
-    HeartbeatNote,
     IslandBus,
     LiveSink,
     OfferNote,
-    OutputNote,
     RedisIslandBus,
-    RenewNote,
     TakeoverNote,
 )
-from islandlink.state import APPEND, BAD_SEQUENCE, NONE, OK, REPLACE, ChannelState, MemoryChannelState, RedisChannelState
+from islandlink.core import REFUSED, LinkCore, StreamPublisher  # noqa: F401 - REFUSED is re-exported
+from islandlink.core import JobState as _JobState
+from islandlink.core import Refused as _Refused
+from islandlink.state import APPEND, NONE, ChannelState, MemoryChannelState, RedisChannelState
 from scheduler import commands as cmd
 from scheduler.islands import Island
-from scheduler.jobs import ASSIGNED, RUNNING, IllegalTransition
+from scheduler.jobs import ASSIGNED, RUNNING
 from scheduler.market import BadAsk
 from scheduler.registry import BadCapabilities, parse_capabilities
 from scheduler.service import hash_token
 
 log = structlog.get_logger("islandlink.channel")
 
-REFUSED = (cmd.NotYourJob, cmd.UnknownJob, IllegalTransition)
 MAX_OUTBOX = 10_000
 MAX_HELLO_RUNNING = 1_024
 MIN_HEARTBEAT_GAP_S = 0.2  # more frequent heartbeats are acknowledged but not forwarded
 SERVER_RESTART = 1012  # the close code uvicorn uses when the coordinator shuts down
-
-
-class StreamPublisher(Protocol):
-    """What the channel needs of the SSE stream broker (streams/broker.py `Publisher`)."""
-
-    def publish_token(self, job_id: str, text: str) -> None: ...
-    def publish_progress(self, job_id: str, step: int, total: int) -> None: ...
-    def publish_image(self, job_id: str, image_b64: str, fmt: str = "png", **extra: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -102,21 +91,6 @@ class ChannelSettings:
                    max_refusals_per_min=num("COORDINATOR_ISLAND_MAX_REFUSALS_PER_MIN", 600),
                    state_ttl_s=num("COORDINATOR_ISLAND_STATE_TTL_S", 86_400),
                    live_flush_ms=num("COORDINATOR_ISLAND_LIVE_FLUSH_MS", 50))
-
-
-@dataclass
-class _JobState:
-    kind: str
-    streamed: bool = False
-    finishing: bool = False
-    tokens: int = 0
-
-
-class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class _Close(Exception):
@@ -188,8 +162,7 @@ class Session:
 
     def _drop(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
-        self.channel.bus.release_job(job_id)
-        asyncio.get_running_loop().create_task(self.channel.state.forget(job_id, self.island_id))
+        self.channel.forget(job_id, self.island_id)
 
     def refuse(self, msg: Any, code: str, message: str) -> None:
         job_id = getattr(msg, "job_id", "")
@@ -206,24 +179,19 @@ class Session:
             raise _Close(p.CLOSE_PROTOCOL_ERROR, "too many refused messages")
 
 
-class IslandChannel:
+class IslandChannel(LinkCore):
+    """The WebSocket transport: sessions, hello/welcome, framing and the socket's own
+    limits, on the shared core (islandlink/core.py)."""
+
     def __init__(self, coordinator: Any, publisher: StreamPublisher, bus: IslandBus, state: ChannelState,
                  settings: ChannelSettings | None = None) -> None:
-        self.c = coordinator
-        self.scheduler = coordinator.scheduler
-        self.config = coordinator.scheduler.config
-        self.publisher = publisher
-        self.bus = bus
-        self.state = state
+        super().__init__(coordinator, publisher, bus, state)
         self.settings = settings or ChannelSettings()
         self.listener = BusListener(bus, self.clock_ms, self.scheduler.core.live_job)
         self.sessions: dict[str, Session] = {}  # conn id -> session
         self.stats: dict[str, int] = {"connections": 0, "offers": 0, "cancels": 0, "refused": 0, "completed": 0,
                                       "failed": 0, "auth_failures": 0}
         self._auth_fail_window = (0.0, 0)
-
-    def clock_ms(self) -> int:
-        return self.c.clock.now_ms()
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -428,13 +396,7 @@ class IslandChannel:
                 await self._return_lost(session, job_uuid, live.streamed, "the Island restarted and lost the job")
 
     async def _return_lost(self, session: Session, job_uuid: uuid.UUID, streamed: bool, why: str) -> None:
-        try:
-            status = await self._command(job_uuid, lambda uow: cmd.fail_in(
-                uow, self.c.settings.ledger, self.config, job_uuid, session.island_id, why, retryable=True,
-                streamed=streamed).status)
-            log.info("island_lost_job_returned", island_id=session.island_id, job_id=str(job_uuid), status=status)
-        except REFUSED:
-            pass
+        await self.return_lost(session.island_id, job_uuid, streamed, why)
 
     # ------------------------------------------------------------ messages
     async def _read(self, session: Session) -> None:
@@ -490,10 +452,8 @@ class IslandChannel:
             s.send(p.HeartbeatAck(seq=msg.seq, server_time_ms=self.clock_ms()))  # too often: acknowledged only
             return
         s.last_heartbeat = now
-        slots = 0 if msg.draining else max(0, min(1024, msg.slots_total))
-        rtt = msg.rtt_ms if msg.rtt_ms is not None and 0 <= msg.rtt_ms < 600_000 else None
-        self.bus.live(HeartbeatNote(s.island_id, slots, max(0, min(1000, msg.load_permille)), rtt,
-                                    [m[:128] for m in msg.warm_models[:256]]))
+        self.heartbeat(s.island_id, 0 if msg.draining else msg.slots_total, msg.load_permille, msg.rtt_ms,
+                       msg.warm_models)
         s.send(p.HeartbeatAck(seq=msg.seq, server_time_ms=self.clock_ms()))
 
     async def _asks(self, s: Session, prices: dict[str, str]) -> None:
@@ -505,25 +465,10 @@ class IslandChannel:
         except BadAsk as exc:
             raise _Refused("bad_asks", str(exc)[:300]) from None
 
-    async def _command(self, job_uuid: uuid.UUID, command: Any) -> Any:
-        """An Island command on a Job. With several processes writing, the Job is first
-        re-read from the store: a refusal (which writes nothing, so no version conflict
-        would correct it) must never come from a stale cached copy, e.g. the Job this
-        process created before the leader assigned it."""
-        fresh = self.scheduler.shared_store
-
-        def run(uow: Any) -> Any:
-            if fresh:
-                uow.get_or_none(job_uuid, fresh=True)
-            return command(uow)
-
-        return await self.c.committer.aexecute(run)
+    _command = LinkCore.command
 
     def _job_uuid(self, job_id: str) -> uuid.UUID:
-        try:
-            return uuid.UUID(job_id)
-        except ValueError:
-            raise _Refused("not_your_job", f"no job {job_id[:64]!r}") from None
+        return self.job_uuid(job_id)
 
     def _running(self, s: Session, job_id: str) -> _JobState:
         """The Job must be running on this Island: accepted by the scheduler for it, and
@@ -536,16 +481,8 @@ class IslandChannel:
             raise _Refused("not_your_job", "this job is not running on this Island")
         return st
 
-    async def _advance(self, s: Session, msg: Any, mode: str, data: str, limit: int = MAX_OUTPUT_BYTES) -> None:
-        if msg.seq < 1:
-            raise _Refused("bad_sequence", "sequence numbers start at 1")
-        code, last = await self.state.advance(msg.job_id, s.island_id, msg.seq, mode, data, limit)
-        if code == OK:
-            return
-        if code == BAD_SEQUENCE:
-            what = "a replay" if msg.seq <= last else "a gap"
-            raise _Refused("bad_sequence", f"seq {msg.seq} is {what}: the last accepted is {last}")
-        raise _Refused("too_large", f"the job's output would exceed {limit} bytes")
+    async def _advance(self, s: Session, msg: Any, mode: str, data: str, **kw: Any) -> None:
+        await self.advance(s.island_id, msg.job_id, msg.seq, mode, data, **kw)
 
     async def _output(self, s: Session, msg: p.Output) -> None:
         st = self._running(s, msg.job_id)
@@ -557,36 +494,19 @@ class IslandChannel:
         if len(text) > p.MAX_OUTPUT_TEXT_CHARS:
             raise _Refused("too_large", f"at most {p.MAX_OUTPUT_TEXT_CHARS} characters per message")
         await self._advance(s, msg, APPEND, text)
-        st.streamed = True
-        st.tokens += len(msg.tokens)
-        if text:
-            self.publisher.publish_token(msg.job_id, text)
-        self.bus.live(OutputNote(s.island_id, msg.job_id, len(msg.tokens)))
+        self.text_out(s.island_id, st, msg.job_id, text, len(msg.tokens))
 
     async def _progress(self, s: Session, msg: p.Progress) -> None:
         self._running(s, msg.job_id)
-        if not (0 <= msg.step <= msg.total <= 100_000):
-            raise _Refused("bad_message", "progress needs 0 <= step <= total")
+        self.check_progress(msg.step, msg.total)
         await self._advance(s, msg, NONE, "")
         self.publisher.publish_progress(msg.job_id, msg.step, msg.total)
 
     async def _image(self, s: Session, msg: p.ImageResult) -> None:
         st = self._running(s, msg.job_id)
-        if st.kind != "image":
-            raise _Refused("bad_message", "image results belong to image jobs")
-        if len(msg.image_b64) > p.MAX_IMAGE_B64_CHARS:
-            raise _Refused("too_large", f"at most {p.MAX_IMAGE_B64_CHARS} base64 characters per image")
-        if msg.format != "png" or not _looks_like_png(msg.image_b64):
-            raise _Refused("bad_message", "the image must be a base64 PNG")
-        if not (0 < msg.width <= 8192 and 0 < msg.height <= 8192 and msg.seed >= 0):
-            raise _Refused("bad_message", "bad image dimensions or seed")
-        result = msgspec.json.encode({"image_data": msg.image_b64, "format": msg.format, "width": msg.width,
-                                      "height": msg.height, "seed": msg.seed}).decode()
-        await self._advance(s, msg, REPLACE, result)
-        st.streamed = True
-        self.publisher.publish_image(msg.job_id, msg.image_b64, msg.format, width=msg.width, height=msg.height,
-                                     seed=msg.seed)
-        self.bus.live(OutputNote(s.island_id, msg.job_id, 0))
+        self.check_image(st, msg.image_b64, msg.format, msg.width, msg.height, msg.seed, p.MAX_IMAGE_B64_CHARS)
+        await self.image_out(s.island_id, st, msg.job_id, msg.seq, msg.image_b64, msg.format, msg.width,
+                             msg.height, msg.seed)
 
     def _renew(self, s: Session, msg: p.Renew) -> None:
         mine: list[str] = []
@@ -598,86 +518,56 @@ class IslandChannel:
                 log.warning("island_message_refused", island_id=s.island_id, type="renew", job_id=job_id,
                             code="not_your_job", detail="renewal of a job this Island does not run")
         if mine:
-            self.bus.live(RenewNote(s.island_id, mine))
+            self.renew(s.island_id, mine)
 
     async def _accept(self, s: Session, msg: p.Accept) -> None:
-        job_uuid = self._job_uuid(msg.job_id)
-        deadline = self.clock_ms() + self.config.lease_ms
-        try:  # the Job aggregate decides (a follower's live view may lag behind the offer)
-            kind = await self._command(job_uuid, lambda uow: cmd.accept_in(uow, job_uuid, s.island_id, deadline).kind)
-        except REFUSED as exc:
+        try:
+            kind = await self.start_job(s.island_id, msg.job_id)
+        finally:
             s.offered.pop(msg.job_id, None)
-            raise _Refused("not_your_job", str(exc)) from None
-        s.offered.pop(msg.job_id, None)
         s.jobs[msg.job_id] = _JobState(kind=kind)
-        self.bus.claim_job(msg.job_id, s.island_id)
-        self.bus.live(RenewNote(s.island_id, [msg.job_id]))  # other processes learn of the start at once
         s.send(p.Accepted(job_id=msg.job_id, lease_ms=self.config.lease_ms))
 
     async def _reject(self, s: Session, msg: p.Reject) -> None:
-        job_uuid = self._job_uuid(msg.job_id)
         try:
-            await self._command(job_uuid, lambda uow: cmd.reject_in(uow, self.config, job_uuid, s.island_id))
-        except REFUSED as exc:
-            raise _Refused("not_your_job", str(exc)) from None
+            await self.decline_job(s.island_id, msg.job_id)
         finally:
             s.offered.pop(msg.job_id, None)
         log.info("island_offer_rejected", island_id=s.island_id, job_id=msg.job_id, reason=msg.reason[:200])
 
     async def _complete(self, s: Session, msg: p.Complete) -> None:
         st = self._running(s, msg.job_id)
-        output = await self.state.result(msg.job_id, s.island_id)
-        if st.kind == "image" and not output:
-            raise _Refused("missing_result", "an image job completes after its image message")
-        st.finishing = True
-        job_uuid = uuid.UUID(msg.job_id)
-        usage, compute_ms = dict(msg.usage), max(0, msg.compute_ms)
         try:
-            status, billed, charged = await self._command(job_uuid, lambda uow: _outcome(cmd.complete_in(
-                uow, self.c.settings.ledger, self.config, self.c.catalog, job_uuid, s.island_id, usage, output or "",
-                compute_ms)))
-        except REFUSED as exc:
-            s._drop(msg.job_id)
-            raise _Refused("not_your_job", str(exc)) from None
-        except cmd.BadUsage as exc:
-            st.finishing = False
-            raise _Refused("bad_usage", str(exc)) from None
+            status, billed, charged = await self.complete_job(s.island_id, st, msg.job_id, dict(msg.usage),
+                                                              msg.compute_ms)
+        except _Refused as r:
+            if r.code == "not_your_job":
+                s.jobs.pop(msg.job_id, None)
+            raise
         s._drop(msg.job_id)
         self.stats["completed"] += 1
         s.send(p.Finished(job_id=msg.job_id, status=status))
         log.info("island_job_completed", island_id=s.island_id, job_id=msg.job_id, usage=billed, charged_micro=charged)
 
     async def _fail(self, s: Session, msg: p.Fail) -> None:
-        job_uuid = self._job_uuid(msg.job_id)
+        self._job_uuid(msg.job_id)
         st = s.jobs.get(msg.job_id)
         if st is None and msg.job_id not in s.offered:
             raise _Refused("not_your_job", "this job is not offered to or running on this Island")
-        live = self.scheduler.core.live_job(job_uuid)
-        streamed = bool(st and st.streamed) or bool(live and live.island_id == s.island_id and live.streamed)
+        streamed = self.streamed(s.island_id, msg.job_id, st)
         reason = msg.reason[:p.MAX_REASON_CHARS] or "unspecified"
         if st is not None:
             st.finishing = True
         try:
-            status = await self._command(job_uuid, lambda uow: cmd.fail_in(
-                uow, self.c.settings.ledger, self.config, job_uuid, s.island_id, reason, retryable=msg.retryable,
-                streamed=streamed).status)
-        except REFUSED as exc:
+            status = await self.fail_job(s.island_id, msg.job_id, reason, retryable=msg.retryable, streamed=streamed)
+        finally:
             s.offered.pop(msg.job_id, None)
             if st is not None:
                 s._drop(msg.job_id)
-            raise _Refused("not_your_job", str(exc)) from None
-        s.offered.pop(msg.job_id, None)
-        if st is not None:
-            s._drop(msg.job_id)
         self.stats["failed"] += 1
         s.send(p.Finished(job_id=msg.job_id, status=status))
         log.info("island_job_failed", island_id=s.island_id, job_id=msg.job_id, reason=reason,
                  retryable=msg.retryable, streamed=streamed, status=status)
-
-
-def _outcome(job: Any) -> tuple[str, dict[str, Any], int]:
-    """Plain values out of the writer thread (never the aggregate itself)."""
-    return job.status, dict(job.usage or {}), job.charged_micro
 
 
 def _bearer(value: str | None) -> str | None:
@@ -690,14 +580,6 @@ def _bearer(value: str | None) -> str | None:
 def _client(socket: WebSocket) -> str:
     client = socket.scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "?"
-
-
-def _looks_like_png(b64: str) -> bool:
-    try:
-        head = base64.b64decode(b64[:12], validate=True)
-    except (ValueError, TypeError):
-        return False
-    return head.startswith(b"\x89PNG\r\n\x1a\n")
 
 
 async def _send_close(socket: WebSocket, err: p.Error, code: int, reason: str) -> None:

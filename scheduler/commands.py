@@ -63,6 +63,10 @@ class IslandExists(Exception):
     pass
 
 
+class NotNatsIsland(ValueError):
+    pass
+
+
 class BadKarmaAdjustment(ValueError):
     """An operator's karma adjustment that would change nothing or breaks a bound."""
 
@@ -503,6 +507,33 @@ def set_capabilities_in(uow: UnitOfWork, island_id: UUID, capabilities: dict[str
         island.trigger_event(Island.CapabilitiesChanged, capabilities=capabilities, timestamp=_ts(uow))
     return island
 
+
+
+def pair_island_in(uow: UnitOfWork, sched: SchedulerConfig, island_id: UUID, owner_account_id: UUID, name: str,
+                   token_hash: str, capabilities: dict[str, Any], *, agent_version: str, nats_user: str,
+                   password_hash: str, by: str) -> Island:
+    """An Island of the published agent, bound to its owner by a pairing code (NATS
+    transport, decision 0055): registered (pending approval, as every Island), paired, and
+    given its NATS credential, in one transaction. IslandExists if the id is taken."""
+    island = register_island_in(uow, sched, island_id, owner_account_id, name, token_hash,
+                                {**capabilities, "transport": "nats"})
+    island.trigger_event(Island.Paired, host_id=str(island_id), transport="nats", agent_version=agent_version[:64],
+                         timestamp=_ts(uow))
+    island.trigger_event(Island.NatsCredentialIssued, user=nats_user, password_hash=password_hash, by=by[:64],
+                         timestamp=_ts(uow))
+    return island
+
+
+def issue_nats_credential_in(uow: UnitOfWork, island_id: UUID, *, nats_user: str, password_hash: str,
+                             by: str) -> Island:
+    """A new NATS password for a paired Island (the old one stops working at the next
+    NATS authorization reload)."""
+    island = load_island(uow, island_id)
+    if getattr(island, "transport", "websocket") != "nats":
+        raise NotNatsIsland(f"island {island_id} does not use the NATS transport")
+    island.trigger_event(Island.NatsCredentialIssued, user=nats_user, password_hash=password_hash, by=by[:64],
+                         timestamp=_ts(uow))
+    return island
 
 
 # ----------------------------------------------------------------- the market

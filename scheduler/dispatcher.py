@@ -64,7 +64,7 @@ JOB_TOPICS = tuple(get_topic(c) for c in (
 ISLAND_TOPICS = tuple(get_topic(c) for c in (
     Island.Registered, Island.Approved, Island.Suspended, Island.CapabilitiesChanged, Island.WentOnline,
     Island.WentOffline, Island.KarmaChanged, Island.KarmaAdjusted, Island.KarmaRebased, Island.TokenRotated,
-    Island.AsksChanged, Island.DrainChanged))
+    Island.AsksChanged, Island.DrainChanged, Island.Paired, Island.NatsCredentialIssued))
 CARGO_TOPICS = (get_topic(CargoSwitch.Switched),)
 MARKET_TOPICS = tuple(get_topic(c) for c in (
     BidPreferences.Created, BidPreferences.BidSet, BidPreferences.BidCleared, Surge.Switched))
@@ -157,6 +157,9 @@ class LeaderLock(Protocol):
 
 class AlwaysLeader:
     def is_leader(self) -> bool:
+        return True
+
+    def held(self) -> bool:
         return True
 
 
@@ -418,6 +421,8 @@ class DispatchCore:
                                     else ev.karma_after_milli)
         elif isinstance(ev, Island.WentOffline):
             self.registry.set_offline(island_id)
+        elif isinstance(ev, Island.NatsCredentialIssued):
+            self.registry.set_nats_credential(island_id, ev.user, ev.password_hash)
         elif isinstance(ev, Island.AsksChanged):
             self.registry.set_asks(island_id, ev.asks_micro)
 

@@ -44,6 +44,9 @@ class Island(ChainedAggregate):
         self.jobs_completed = 0
         self.jobs_failed = 0
         self.draining = False
+        self.transport = "websocket"
+        self.nats_user = ""
+        self.nats_password_hash = ""
         # Asking prices per Cargo slug (and "_default"), micro-credits per billing unit
         # (scheduler/market.py); registration's capabilities may carry the first ones.
         self.asks_micro: dict[str, int] = dict(capabilities.get("asks_micro", {}))
@@ -106,6 +109,30 @@ class Island(ChainedAggregate):
 
         def apply(self, island: Island) -> None:
             island.token_hash = self.token_hash
+
+    class Paired(ChainedAggregate.Event):
+        """An Island of the published agent (NATS, docs/ISLANDS.md "NATS") was bound to
+        its owner's account with a pairing code: `host_id` is the agent's own id (the
+        Island's id), `agent_version` what its registration said."""
+
+        host_id: str
+        transport: str
+        agent_version: str
+
+        def apply(self, island: Island) -> None:
+            island.transport = self.transport
+
+    class NatsCredentialIssued(ChainedAggregate.Event):
+        """A NATS user and password for the Island (decision 0055). Only the bcrypt hash
+        of the password is stored; the password was shown once to whoever asked (`by`)."""
+
+        user: str
+        password_hash: str
+        by: str
+
+        def apply(self, island: Island) -> None:
+            island.nats_user = self.user
+            island.nats_password_hash = self.password_hash
 
     class KarmaChanged(ChainedAggregate.Event):
         """Karma moved by `delta_milli` for `reason` (completed, failure, missed_ack,

@@ -42,6 +42,10 @@ class PostgresLeaderLock:
                                user=p["POSTGRES_USER"], password=p["POSTGRES_PASSWORD"] or None, autocommit=True,
                                connect_timeout=5)
 
+    def held(self) -> bool:
+        """The last known answer of `is_leader`, without any I/O (for event-loop readers)."""
+        return self._leader
+
     def is_leader(self) -> bool:
         now = time.monotonic()
         if now < self._next_try:

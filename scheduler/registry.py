@@ -72,6 +72,7 @@ def parse_capabilities(raw: dict[str, Any]) -> dict[str, Any]:
         "hardware_tier": integer("hardware_tier", 0, 0, 4),
         "slots": integer("slots", 1, 1, 1024),
         "asks_micro": asks,
+        **({"transport": "nats"} if raw.get("transport") == "nats" else {}),
     }
     if "tokens_per_s" in raw:  # the Island's own speed report: karma's `slow` rule (decision 0051)
         out["tokens_per_s"] = integer("tokens_per_s", 0, 0, 1_000_000)
@@ -95,6 +96,8 @@ class IslandRecord:
     active: set[UUID] = field(default_factory=set)  # Jobs assigned to or running on it
     ordinal: int = 0  # registration order (stale Islands are reported in this order)
     draining: bool = False  # an operator's drain: no new Jobs, running ones finish
+    nats_user: str = ""  # the Island's NATS user (transport "nats"), from NatsCredentialIssued
+    nats_password_hash: str = ""  # its bcrypt hash (never the password)
     approval: str = "approved"  # pending | approved | suspended (the Island aggregate's, for the hosts API)
     asks_micro: dict[str, int] = field(default_factory=dict)  # the Island's own asks (slug | "_default")
     list_rates: dict[str, int] = field(default_factory=dict)  # the catalog's list rates (shared)
@@ -219,6 +222,11 @@ class Registry:
             rec.slots_total = capabilities.get("slots", rec.slots_total)
             self.market_version += 1
             self._sync(rec)
+
+    def set_nats_credential(self, island_id: str, user: str, password_hash: str) -> None:
+        rec = self.islands.get(island_id)
+        if rec is not None:
+            rec.nats_user, rec.nats_password_hash = user, password_hash
 
     def set_karma(self, island_id: str, karma_milli: int) -> None:
         rec = self.islands.get(island_id)

@@ -406,6 +406,20 @@ class Scheduler:
                                                      hash_token(token), caps, approve=approve))
         return IslandCredentials(str(island_id), token)
 
+    def pair_island(self, island_id: UUID, owner_account_id: UUID, name: str, capabilities: dict[str, Any], *,
+                    agent_version: str, nats_user: str, password_hash: str, by: str) -> None:
+        """Register a paired Island of the published agent (NATS). Capabilities are
+        canonicalised here (BadCapabilities); IslandExists if it is already paired."""
+        caps = parse_capabilities({**capabilities, "transport": "nats"})
+        token_hash = hash_token(make_token(island_id))  # never shown: NATS Islands authenticate to nats-server
+        self._run(lambda uow: cmd.pair_island_in(uow, self.config, island_id, owner_account_id, name[:128],
+                                                 token_hash, caps, agent_version=agent_version,
+                                                 nats_user=nats_user, password_hash=password_hash, by=by))
+
+    def issue_nats_credential(self, island_id: UUID, *, nats_user: str, password_hash: str, by: str) -> None:
+        self._run(lambda uow: cmd.issue_nats_credential_in(uow, island_id, nats_user=nats_user,
+                                                           password_hash=password_hash, by=by))
+
     def set_island_approval(self, island_id: UUID, approved: bool, *, by: str, reason: str) -> None:
         self._run(lambda uow: cmd.set_island_approval_in(uow, island_id, approved, by=by, reason=reason))
 

@@ -24,27 +24,34 @@ import uvicorn
 OPERATOR_TOKEN = "op-test-token-0123456789"
 
 
-def mount_islands(services: Any, *, operator_token: str | None = OPERATOR_TOKEN) -> tuple[Any, Any]:
-    """The API app with the Island channel, registration and operator routes."""
+def mount_islands(services: Any, *, operator_token: str | None = OPERATOR_TOKEN,
+                  env: dict[str, str] | None = None) -> tuple[Any, Any]:
+    """The API app with the Island channel, registration and operator routes (and the
+    NATS transport when `env` has COORDINATOR_NATS_URL)."""
     from admin.http import operator_router
-    from coordinator.app import create_app, island_routes, island_views
+    from coordinator.app import create_app, island_routes, island_views, nats_transport
     from islandlink.channel import ChannelSettings, build_island_channel
 
     channel = build_island_channel(services.coordinator, services.broker, ChannelSettings.from_env())
     views = island_views(channel)
+    nats = nats_transport(services, channel, views, env if env is not None else {})
     admin = operator_router(services, islands=views, token=operator_token)
     app = create_app(services, extra_handlers=[admin], open_paths=("/api/v1/admin",))
     for handler in island_routes(channel, views):
         app.register(handler)
     app.on_startup.append(channel.start)
+    if nats is not None:
+        app.on_startup.append(nats.start)
+        app.on_shutdown.append(nats.close)
     app.on_shutdown.append(channel.close)
     return app, channel
 
 
-def make_island_server(services: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[Any, Any]:
+def make_island_server(services: Any, host: str = "127.0.0.1", port: int = 0,
+                       env: dict[str, str] | None = None) -> tuple[Any, Any]:
     from coordinator.server import CoordinatorServer
 
-    app, channel = mount_islands(services)
+    app, channel = mount_islands(services, env=env)
     config = uvicorn.Config(app, host=host, port=port, lifespan="on", log_config=None, access_log=False,
                             loop="asyncio", timeout_graceful_shutdown=5, server_header=False)
     return CoordinatorServer(config, services), channel
@@ -60,7 +67,8 @@ class ThreadServer:
         self.settings = Settings.from_env(env)
         self.services = build_services(self.settings, with_projections=with_projections, **build_kwargs)
         self.c = self.services.coordinator
-        self.server, self.channel = make_island_server(self.services)
+        self.server, self.channel = make_island_server(self.services, env=env)
+        self.nats = self.c.nats_link
         self.thread = threading.Thread(target=self.server.run, name="island-test-server", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -127,7 +135,7 @@ def serve_main() -> int:
     settings = Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
     services = build_services(settings, with_projections=False)
-    server, _channel = make_island_server(services)
+    server, _channel = make_island_server(services, env=dict(os.environ))
 
     def announce() -> None:
         while not (server.started and server.bound):

@@ -67,6 +67,9 @@ ROUTES: dict[tuple[str, str], Row] = {
     ("GET", "/api/v1/market/rates/{slug:str}"): OPEN,
     ("GET", "/api/v1/market/history/{slug:str}"): OPEN,
     ("GET", "/api/v1/market/orderbook/{slug:str}"): OPEN,
+    # NATS Islands (#15): pairing by code and the Island's NATS credentials, by its owner
+    ("POST", "/api/v1/islands/pair"): C,
+    ("POST", "/api/v1/islands/{island_id:str}/nats-credentials"): Row("consumer", "island"),
     # the web app (#14)
     ("GET", "/"): WEB_PUBLIC,
     ("GET", "/login"): WEB_PUBLIC,
