@@ -63,7 +63,7 @@ MAX_GUIDANCE_SCALE = 30.0
 MAX_SEED = 2**63 - 1
 """Seeds are 0..2**63-1 (a signed 64-bit integer); -1 means "random" (same as omitted)."""
 ROLES = ("system", "user", "assistant")
-CHAT_FIELDS = ("prompt", "system_prompt", "max_tokens", "temperature", "messages", "model")
+CHAT_FIELDS = ("prompt", "system_prompt", "max_tokens", "temperature", "messages", "model", "conversation_id")
 IMAGE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed")
 MESSAGE_FIELDS = ("role", "content")
 

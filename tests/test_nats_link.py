@@ -22,6 +22,7 @@ import pytest
 from island.backends import EchoBackend, ImageBackend
 from island.nats_agent import NatsAgentConfig, NatsIslandAgent
 from protocol import nats as pn
+from routing import karma as karma_rules
 from tests.island_harness import OPERATOR_TOKEN, ThreadServer, wait_for
 from tests.nats_harness import AgentLoop, NatsServer, needs_nats
 
@@ -383,7 +384,7 @@ def test_agent_process_killed_mid_job_requeues_or_fails_with_refund(srv, nats_se
         assert job(client, jid)["credits_charged"] == 0
         assert balance(client) == before  # nothing was charged: the hold is released in full
         isl = srv.c.committer.query(lambda uow: uow.get(uuid.UUID(host_id)))
-        assert isl.jobs_failed == 1 and isl.karma_milli < 0  # the karma change (lapsed lease) is recorded
+        assert isl.jobs_failed == 1 and isl.karma_milli < karma_rules.START_MILLI  # the lapsed lease cost karma
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -408,7 +409,7 @@ def test_reference_agent_process_pairs_and_restarted_unstreamed_job_is_requeued(
         # nothing was streamed: back to the queue (no other Island can take it: it waits there)
         wait_for(lambda: job(client, jid)["status"] == "queued", 30, 0.2)
         isl = srv.c.committer.query(lambda uow: uow.get(uuid.UUID(host_id)))
-        assert isl.karma_milli < 0
+        assert isl.karma_milli < karma_rules.START_MILLI  # below a new Island's 50
         client.delete(f"/jobs/{jid}")
     finally:
         if proc.poll() is None:
