@@ -267,5 +267,7 @@ def _litestar_field_errors(exc: ValidationException) -> dict[str, list[str]]:
 def exception_handler(request: Request, exc: Exception) -> Response:
     err = to_api_error(exc)
     if err.status >= 500 and err.status != 503:
-        log.error("request_failed", method=request.method, path=request.url.path, status=err.status)
+        # the exception's class and chain: an operator needs them to tell a bug from an outage
+        log.error("request_failed", method=request.method, path=request.url.path, status=err.status,
+                  error=type(exc).__name__, exc_info=exc)
     return render(err, openai=is_openai_path(request.url.path))

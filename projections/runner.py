@@ -42,7 +42,7 @@ from projections.catalog import all_projections
 from projections.sql import Conn, Database
 from projections.tracking import TRACKING
 from store.clock import EPOCH as _EPOCH
-from store.factory import max_position
+from store.factory import DDL_XACT_LOCK_SQL, max_position
 
 
 
@@ -149,6 +149,8 @@ class ProjectionRunner:
         d = conn.dialect
         conn.begin()
         try:
+            if d.name == "postgres":
+                conn.execute(DDL_XACT_LOCK_SQL)  # concurrent CREATEs of one table collide
             if self.track:
                 conn.execute(d.ddl(TRACKING, TRACKING.name))
             for ts in self.work.tables.values():
@@ -184,6 +186,8 @@ class ProjectionRunner:
             return []
         conn.begin()
         try:
+            if conn.dialect.name == "postgres":
+                conn.execute(DDL_XACT_LOCK_SQL)
             conn.execute(conn.dialect.ddl(TRACKING, TRACKING.name))
             conn.commit()
         except BaseException:

@@ -196,6 +196,7 @@ class DispatchCore:
         self.log_position = 0  # every event up to here has been seen (applied or not ours)
         self._buffer: deque[tuple[int, int, list[tuple[int, Any]]]] = deque()
         self._buffer_lock = threading.Lock()
+        self._catch_up_lock = threading.Lock()  # taken before `lock`, never after it
         self._last_db_read_ms = -(10**15)
         self.lock = threading.RLock()  # guards everything above; never held across a commit wait
         self.wake = threading.Event()
@@ -223,24 +224,30 @@ class DispatchCore:
         is read from the database (commit order = position order under the recorder's
         table lock, so a reader at `log_position` never skips anything)."""
         applied = 0
-        with self.lock:
-            while not force_db:
+        with self._catch_up_lock:  # one reader of the log at a time; `log_position` moves only here
+            with self.lock:
+                while not force_db:
+                    with self._buffer_lock:
+                        while self._buffer and self._buffer[0][1] <= self.log_position:
+                            self._buffer.popleft()
+                        if not self._buffer or self._buffer[0][0] != self.log_position + 1:
+                            break
+                        first, last, events = self._buffer.popleft()
+                    for pos, ev in events:
+                        self._apply(pos, ev, now_ms)
+                        applied += 1
+                    self.log_position = last
                 with self._buffer_lock:
-                    while self._buffer and self._buffer[0][1] <= self.log_position:
-                        self._buffer.popleft()
-                    if not self._buffer or self._buffer[0][0] != self.log_position + 1:
-                        break
-                    first, last, events = self._buffer.popleft()
-                for pos, ev in events:
-                    self._apply(pos, ev, now_ms)
-                    applied += 1
-                self.log_position = last
-            with self._buffer_lock:
-                gap = bool(self._buffer)
-            if force_db or gap or now_ms - self._last_db_read_ms >= self.config.log_poll_ms:
-                self._last_db_read_ms = now_ms
-                while True:
-                    last, page = self.read_log(self.log_position + 1)
+                    gap = bool(self._buffer)
+                read_db = force_db or gap or now_ms - self._last_db_read_ms >= self.config.log_poll_ms
+                if read_db:
+                    self._last_db_read_ms = now_ms
+            while read_db:
+                # The database read runs outside the core lock: while the store is slow or
+                # down (a pool checkout waits, the library retries), the request path
+                # (admission, quotes) must not wait behind it on the event loop.
+                last, page = self.read_log(self.log_position + 1)
+                with self.lock:
                     for pos, ev in page:
                         self._apply(pos, ev, now_ms)
                         applied += 1

@@ -96,14 +96,19 @@ def eventsourcing_env(config: StoreConfig) -> dict[str, str]:
     return env
 
 
-def ensure_schema(config: StoreConfig) -> None:
-    """Create the PostgreSQL schema if it is named and missing."""
-    if not (config.is_postgres and config.schema):
-        return
+# One advisory-lock key for all DDL of the coordinator: PostgreSQL's catalog does not
+# serialise concurrent `CREATE ... IF NOT EXISTS` of the same object ("tuple concurrently
+# updated", or a unique violation on pg_type), so processes opening one store at once
+# take turns. Held only while tables are created, never on the write path.
+DDL_LOCK_SQL = "SELECT pg_advisory_lock(hashtext('archipelag:ddl'))"
+DDL_XACT_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('archipelag:ddl'))"
+
+
+def _pg_connect(config: StoreConfig):
     import psycopg
 
     params = parse_postgres_url(config.database_url)
-    with psycopg.connect(
+    return psycopg.connect(
         dbname=params["POSTGRES_DBNAME"],
         host=params["POSTGRES_HOST"],
         port=params["POSTGRES_PORT"],
@@ -111,7 +116,15 @@ def ensure_schema(config: StoreConfig) -> None:
         password=params["POSTGRES_PASSWORD"] or None,
         autocommit=True,
         connect_timeout=5,
-    ) as conn:
+    )
+
+
+def ensure_schema(config: StoreConfig) -> None:
+    """Create the PostgreSQL schema if it is named and missing."""
+    if not (config.is_postgres and config.schema):
+        return
+    with _pg_connect(config) as conn:
+        conn.execute(DDL_LOCK_SQL)
         conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{config.schema}"')
 
 
@@ -123,10 +136,17 @@ class EventStoreApp(Application):
 
 
 def open_app(config: StoreConfig) -> EventStoreApp:
-    ensure_schema(config)
     env = eventsourcing_env(config)
-    # The library reads os.environ too; our env wins.
-    return EventStoreApp(env=env)
+    if not config.is_postgres:
+        # The library reads os.environ too; our env wins.
+        return EventStoreApp(env=env)
+    # The recorder creates its tables in its constructor: hold the DDL lock across it
+    # (the session lock ends with the connection).
+    with _pg_connect(config) as conn:
+        conn.execute(DDL_LOCK_SQL)
+        if config.schema:
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{config.schema}"')
+        return EventStoreApp(env=env)
 
 
 def iter_log(app: Application, *, start: int = 1, stop: int | None = None, page: int = 2_000,
