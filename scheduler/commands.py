@@ -298,6 +298,20 @@ def decline_in(uow: UnitOfWork, sched: SchedulerConfig, job_id: UUID, island_id:
     return job
 
 
+def clear_exclusions_in(uow: UnitOfWork, sched: SchedulerConfig, job_id: UUID, waited_ms: int) -> Job:
+    """A stranded queued Job forgets which Islands failed it (bounded by
+    `max_exclusion_clears`). No karma moves: the failures were paid for when they happened."""
+    job = load_job(uow, job_id)
+    job.require(_ONLY_QUEUED, "clear its exclusions")
+    if not job.excluded:
+        raise IllegalTransition(job_id, job.status, "no Island is excluded")
+    if getattr(job, "exclusion_clears", 0) >= sched.max_exclusion_clears:
+        raise IllegalTransition(job_id, job.status, f"exclusions already cleared {sched.max_exclusion_clears} times")
+    assert waited_ms >= 0
+    job.trigger_event(Job.ExclusionsCleared, islands=list(job.excluded), waited_ms=waited_ms, timestamp=_ts(uow))
+    return job
+
+
 def lapse_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerConfig, job_id: UUID,
              island_id: str, *, streamed: bool, reason: str = "lease_lapsed") -> Job:
     """A running Job's Island stopped reporting: re-queue if nothing was streamed and

@@ -15,6 +15,12 @@ class SchedulerConfig:
     lease_renew_ms: int = 30_000  # how often Islands are told to renew
     queue_timeout_ms: int = 120_000  # a Job still queued after this ends `timeout`
     max_attempts: int = 3  # lapsed leases re-queue at most this many times in all
+    # A queued Job that only Islands which already failed it could take (they are excluded)
+    # waits this long for another Island, then forgets the exclusions, at most
+    # `max_exclusion_clears` times (decision 0070): a lone Island that missed an ack during a
+    # transport outage is tried again instead of stranding the Job until its queue timeout.
+    stranded_grace_ms: int = 5_000
+    max_exclusion_clears: int = 2
     heartbeat_interval_ms: int = 10_000
     missed_heartbeats_offline: int = 3  # an Island missing this many heartbeats is offline
     auto_approve_islands: bool = False  # demos only: new Islands get Jobs at once
@@ -37,6 +43,7 @@ class SchedulerConfig:
         assert self.ack_timeout_ms > 0 and self.lease_ms > 0 and self.queue_timeout_ms > 0
         assert 0 < self.lease_renew_ms < self.lease_ms, "leases must be renewed before they lapse"
         assert self.max_attempts >= 1
+        assert self.stranded_grace_ms > 0 and 0 <= self.max_exclusion_clears <= 10
         assert 1 <= self.dispatch_batch_max <= 10_000
         assert self.max_queued_per_account <= self.max_queued_total
         assert self.surge_ratio >= 1 and 1000 <= self.surge_multiplier_permille <= 10_000

@@ -60,7 +60,7 @@ QUEUE_TIMEOUT = 3
 
 JOB_TOPICS = tuple(get_topic(c) for c in (
     Job.Submitted, Job.Queued, Job.Assigned, Job.OfferDeclined, Job.Started, Job.Requeued, Job.Completed,
-    Job.Failed, Job.Cancelled, Job.TimedOut))
+    Job.Failed, Job.Cancelled, Job.TimedOut, Job.ExclusionsCleared))
 ISLAND_TOPICS = tuple(get_topic(c) for c in (
     Island.Registered, Island.Approved, Island.Suspended, Island.CapabilitiesChanged, Island.WentOnline,
     Island.WentOffline, Island.KarmaChanged, Island.KarmaAdjusted, Island.KarmaRebased, Island.TokenRotated,
@@ -149,6 +149,9 @@ class LiveJob:
     parent_id: str = ""
     key: str = ""  # str(job_id), computed once: listeners are called with it on every event
     budget_micro: int = -1  # the market budget (-1: a Job from before the exchange)
+    stranded_ms: int = 0  # since when only excluded Islands could take it (0: not stranded)
+    exclusion_clears: int = 0  # ExclusionsCleared events applied
+    clear_asked: bool = False  # a clear_exclusions command is in flight
 
 
 class LeaderLock(Protocol):
@@ -196,11 +199,13 @@ class DispatchCore:
         self.log_position = 0  # every event up to here has been seen (applied or not ours)
         self._buffer: deque[tuple[int, int, list[tuple[int, Any]]]] = deque()
         self._buffer_lock = threading.Lock()
+        self._stranded_cmds: list[Callable] = []  # clear_exclusions commands decided this round
         self._catch_up_lock = threading.Lock()  # taken before `lock`, never after it
         self._last_db_read_ms = -(10**15)
         self.lock = threading.RLock()  # guards everything above; never held across a commit wait
         self.wake = threading.Event()
-        self.stats = {"assigned": 0, "dispatch_rounds": 0, "no_candidate": 0, "timers": 0, "lost_races": 0}
+        self.stats = {"assigned": 0, "dispatch_rounds": 0, "no_candidate": 0, "timers": 0, "lost_races": 0,
+                      "exclusions_cleared": 0}
         committer.add_listener(self._on_commit)
 
     # ------------------------------------------------------------ log intake
@@ -277,6 +282,8 @@ class DispatchCore:
                 return self._on_assigned
             if issubclass(cls, (Job.OfferDeclined, Job.Requeued)):
                 return self._on_declined
+            if issubclass(cls, Job.ExclusionsCleared):
+                return self._on_exclusions_cleared
             if issubclass(cls, Job.Started):
                 return self._on_started
             return self._on_terminal
@@ -362,12 +369,23 @@ class DispatchCore:
             return
         self.registry.release(ev.island_id, live.job_id)  # _enqueue below notes it
         live.excluded = live.excluded | {ev.island_id}
+        live.stranded_ms, live.clear_asked = 0, False
         live.island_id = ""
         live.status = QUEUED
         live.streamed = False
         live.delivered_tokens = 0
         self._enqueue(live, front=True)
         self.listener.job_changed(live.key, live.status, ev)
+
+    def _on_exclusions_cleared(self, ev: Any, now_ms: int) -> None:
+        live = self.jobs.get(ev.originator_id)
+        if live is None:
+            return
+        live.excluded = frozenset()
+        live.exclusion_clears += 1
+        live.stranded_ms = 0
+        live.clear_asked = False
+        self._dispatchable_changes += 1  # it may be offered at once
 
     def _on_started(self, ev: Any, now_ms: int) -> None:
         live = self._moved(ev)
@@ -499,6 +517,8 @@ class DispatchCore:
                 choice = self.index.choose(needs, None, self.rng)
                 if not isinstance(choice, Decision):
                     self.stats["no_candidate"] += 1
+                    if live.excluded and choice.refusals.get("excluded"):
+                        self._note_stranded(live, now_ms)
                     misses.append(live)
                     continue
                 self.registry.reserve(choice.island_id, job_id)
@@ -509,6 +529,21 @@ class DispatchCore:
             if len(decisions) >= budget:
                 break
         return decisions
+
+    def _note_stranded(self, live: LiveJob, now_ms: int) -> None:
+        """Only Islands that already failed this Job could take it now. After
+        `stranded_grace_ms` (another Island may free a slot meanwhile) ask to forget them."""
+        if live.stranded_ms == 0:
+            live.stranded_ms = now_ms
+            return
+        waited_ms = now_ms - live.stranded_ms
+        if (waited_ms < self.config.stranded_grace_ms or live.clear_asked
+                or live.exclusion_clears >= self.config.max_exclusion_clears):
+            return
+        live.clear_asked = True
+        self.stats["exclusions_cleared"] += 1
+        self._stranded_cmds.append(
+            lambda uow, j=live.job_id, w=waited_ms: cmd.clear_exclusions_in(uow, self.config, j, w))
 
     def step(self, now_ms: int) -> int:
         """One round: read the log, run due timers, dispatch, read the log again.
@@ -525,6 +560,9 @@ class DispatchCore:
             if surge_cmd is not None:
                 timer_cmds.append(surge_cmd)
             decisions = self._decide(now_ms)
+            if self._stranded_cmds:
+                timer_cmds.extend(self._stranded_cmds)
+                self._stranded_cmds = []
             surge_permille = self.market.surge_permille
             # the selected Islands' asks, read with the decisions (an ask may change right after)
             asks = [self.registry.islands[d.island_id].ask_for(live.cargo) if live.budget_micro >= 0 else -1

@@ -80,6 +80,7 @@ class Job(ChainedAggregate):
         self.attempts = 0  # assignments that reached running and then lapsed
         self.offers = 0
         self.excluded: list[str] = []
+        self.exclusion_clears = 0  # times ExclusionsCleared gave the excluded Islands another try
         self.island_id = ""
         self.owner_account_id = ""
         self.started_at = None
@@ -158,6 +159,17 @@ class Job(ChainedAggregate):
             job.owner_account_id = ""
             job.started_at = None
             _unclear(job)
+
+    class ExclusionsCleared(ChainedAggregate.Event):
+        """The queued Job was stranded: only Islands that already failed it could take it,
+        for longer than the scheduler's grace. They may be offered it again."""
+
+        islands: list  # the Island ids no longer excluded
+        waited_ms: int  # how long the Job had been stranded
+
+        def apply(self, job: Job) -> None:
+            job.excluded = []
+            job.exclusion_clears = getattr(job, "exclusion_clears", 0) + 1
 
     class Completed(ChainedAggregate.Event):
         usage: dict

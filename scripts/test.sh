@@ -26,21 +26,8 @@ fi
 export COORDINATOR_SCREENSHOTS="${COORDINATOR_SCREENSHOTS:-$ROOT/screenshots}"
 echo "test: browser screenshots go to $COORDINATOR_SCREENSHOTS" >&2
 set +e
-# tests/test_nats_link.py runs in a pytest process of its own: in one process after the fault
-# matrix its NATS-restart case times out (passes alone and in CI's own process; not yet
-# diagnosed, docs/RELIABILITY.md). With explicit test paths, one run as asked.
-paths=0
-for a in "$@"; do case "$a" in tests/*|*.py|*::*) paths=1 ;; esac; done
-rc_nats=0
-if [ $paths -eq 0 ] && [ -f tests/test_nats_link.py ]; then
-  python -m pytest "$@" tests/test_nats_link.py
-  rc_nats=$?
-  python -m pytest "$@" --ignore=tests/test_nats_link.py
-else
-  python -m pytest "$@"
-fi
+python -m pytest "$@"
 rc=$?
-[ $rc -eq 0 ] && [ $rc_nats -ne 0 ] && rc=$rc_nats
 set -e
 if [ $rc -eq 5 ]; then
   echo "test: pytest collected no tests" >&2

@@ -141,3 +141,44 @@ def test_an_island_cannot_act_on_another_islands_job_and_settlement_splits_the_p
     bal = world.ledger.balance(acct)
     assert bal.spendable_micro == 100_000_000 + world.ledger_config.free_tier_grant_micro - done.charged_micro
     assert bal.held_micro == 0
+
+
+def test_a_job_only_excluded_islands_could_take_is_offered_again_after_the_grace_a_bounded_number_of_times(world):
+    """A lone Island misses the ack (say, its transport was down): the Job is excluded from
+    it and nothing else can take it. After `stranded_grace_ms` the exclusions are cleared
+    (Job.ExclusionsCleared) and it is offered again, at most `max_exclusion_clears` times;
+    then it waits out its queue timeout and ends `timeout` with its hold released."""
+    cfg = world.sched.config
+    acct = world.account("s@x", kyc=True, credits_micro=100_000_000)
+    isl = world.island()
+    jid = uuid.UUID(world.sched.submit(acct, "llm-chat", {"prompt": "hi", "max_tokens": 10}).id)
+
+    def status() -> str:
+        return world.sched.get_job(jid).status
+
+    def tick(ms: int) -> None:
+        world.clock.advance(ms)
+        world.sched.heartbeat(isl)
+        for _ in range(3):
+            world.sched.step()
+
+    offers = 0
+    for clears in range(cfg.max_exclusion_clears + 1):
+        tick(0)
+        assert status() == "assigned" and world.sched.get_job(jid).island_id == isl
+        offers += 1
+        tick(cfg.ack_timeout_ms + 1)  # missed ack: declined, the only Island excluded
+        assert status() == "queued"
+        tick(cfg.stranded_grace_ms // 2)
+        assert status() == "queued"  # within the grace: not offered again
+        assert world.app.repository.get(jid).exclusion_clears == clears
+        tick(cfg.stranded_grace_ms)
+        if clears < cfg.max_exclusion_clears:
+            assert world.app.repository.get(jid).exclusion_clears == clears + 1
+    assert status() == "queued" and offers == cfg.max_exclusion_clears + 1
+    assert world.app.repository.get(jid).excluded == [isl]  # the bound held: excluded for good
+    tick(cfg.stranded_grace_ms * 3)
+    assert status() == "queued"
+    tick(cfg.queue_timeout_ms)
+    assert status() == "timeout"
+    assert world.ledger.balance(acct).held_micro == 0
