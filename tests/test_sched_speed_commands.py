@@ -48,10 +48,12 @@ def test_uuid_of_hands_non_text_to_uuid() -> None:
 
 
 def _old_branch(cls: type) -> str:
-    """Which branch the original `_apply` / `_apply_job` isinstance chain took."""
+    """Which branch the original `_apply` / `_apply_job` isinstance chain took (plus the
+    ExclusionsCleared branch added with decision 0070)."""
     if issubclass(cls, Job.Event):
         for name, kinds in (("submitted", Job.Submitted), ("queued", Job.Queued), ("assigned", Job.Assigned),
-                            ("declined", (Job.OfferDeclined, Job.Requeued)), ("started", Job.Started)):
+                            ("declined", (Job.OfferDeclined, Job.Requeued)),
+                            ("exclusions_cleared", Job.ExclusionsCleared), ("started", Job.Started)):
             if issubclass(cls, kinds):
                 return name
         return "terminal"
@@ -73,7 +75,8 @@ def _event_classes() -> list[type]:
 def test_handler_for_takes_the_branch_of_the_isinstance_chain(cls: type) -> None:
     core = DispatchCore.__new__(DispatchCore)  # only the bound methods are compared
     names = {core._on_submitted: "submitted", core._on_queued: "queued", core._on_assigned: "assigned",
-             core._on_declined: "declined", core._on_started: "started", core._on_terminal: "terminal",
+             core._on_declined: "declined", core._on_exclusions_cleared: "exclusions_cleared",
+             core._on_started: "started", core._on_terminal: "terminal",
              core._on_island: "island", core._on_switched: "switched"}
     handler = core._handler_for(cls)
     assert names.get(handler, "ignored" if getattr(handler, "__name__", "") == "_ignore" else "?") == _old_branch(cls)
