@@ -305,7 +305,7 @@ def clear_exclusions_in(uow: UnitOfWork, sched: SchedulerConfig, job_id: UUID, w
     job.require(_ONLY_QUEUED, "clear its exclusions")
     if not job.excluded:
         raise IllegalTransition(job_id, job.status, "no Island is excluded")
-    if getattr(job, "exclusion_clears", 0) >= sched.max_exclusion_clears:
+    if job.exclusion_clears >= sched.max_exclusion_clears:
         raise IllegalTransition(job_id, job.status, f"exclusions already cleared {sched.max_exclusion_clears} times")
     assert waited_ms >= 0
     job.trigger_event(Job.ExclusionsCleared, islands=list(job.excluded), waited_ms=waited_ms, timestamp=_ts(uow))

@@ -151,7 +151,6 @@ class LiveJob:
     budget_micro: int = -1  # the market budget (-1: a Job from before the exchange)
     stranded_ms: int = 0  # since when only excluded Islands could take it (0: not stranded)
     exclusion_clears: int = 0  # ExclusionsCleared events applied
-    clear_asked: bool = False  # a clear_exclusions command is in flight
 
 
 class LeaderLock(Protocol):
@@ -369,7 +368,7 @@ class DispatchCore:
             return
         self.registry.release(ev.island_id, live.job_id)  # _enqueue below notes it
         live.excluded = live.excluded | {ev.island_id}
-        live.stranded_ms, live.clear_asked = 0, False
+        live.stranded_ms = 0
         live.island_id = ""
         live.status = QUEUED
         live.streamed = False
@@ -378,13 +377,12 @@ class DispatchCore:
         self.listener.job_changed(live.key, live.status, ev)
 
     def _on_exclusions_cleared(self, ev: Any, now_ms: int) -> None:
-        live = self.jobs.get(ev.originator_id)
+        live = self.jobs.get(ev.originator_id)  # not `_moved`: the Job stays queued, its queue timer holds
         if live is None:
             return
         live.excluded = frozenset()
         live.exclusion_clears += 1
         live.stranded_ms = 0
-        live.clear_asked = False
         self._dispatchable_changes += 1  # it may be offered at once
 
     def _on_started(self, ev: Any, now_ms: int) -> None:
@@ -537,10 +535,9 @@ class DispatchCore:
             live.stranded_ms = now_ms
             return
         waited_ms = now_ms - live.stranded_ms
-        if (waited_ms < self.config.stranded_grace_ms or live.clear_asked
-                or live.exclusion_clears >= self.config.max_exclusion_clears):
+        if waited_ms < self.config.stranded_grace_ms or live.exclusion_clears >= self.config.max_exclusion_clears:
             return
-        live.clear_asked = True
+        live.stranded_ms = now_ms  # asked: if the command loses a race, ask again after another grace
         self.stats["exclusions_cleared"] += 1
         self._stranded_cmds.append(
             lambda uow, j=live.job_id, w=waited_ms: cmd.clear_exclusions_in(uow, self.config, j, w))

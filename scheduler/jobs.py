@@ -169,7 +169,7 @@ class Job(ChainedAggregate):
 
         def apply(self, job: Job) -> None:
             job.excluded = []
-            job.exclusion_clears = getattr(job, "exclusion_clears", 0) + 1
+            job.exclusion_clears += 1
 
     class Completed(ChainedAggregate.Event):
         usage: dict

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -119,13 +121,25 @@ def _pg_connect(config: StoreConfig):
     )
 
 
-def ensure_schema(config: StoreConfig) -> None:
-    """Create the PostgreSQL schema if it is named and missing."""
-    if not (config.is_postgres and config.schema):
+@contextmanager
+def ddl_lock(config: StoreConfig) -> Iterator[None]:
+    """Hold the coordinator's DDL lock (PostgreSQL; a no-op otherwise) and create the named
+    schema if missing. The session lock ends with the connection."""
+    if not config.is_postgres:
+        yield
         return
     with _pg_connect(config) as conn:
         conn.execute(DDL_LOCK_SQL)
-        conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{config.schema}"')
+        if config.schema:
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{config.schema}"')
+        yield
+
+
+def ensure_schema(config: StoreConfig) -> None:
+    """Create the PostgreSQL schema if it is named and missing."""
+    if config.is_postgres and config.schema:
+        with ddl_lock(config):
+            pass
 
 
 class EventStoreApp(Application):
@@ -137,15 +151,9 @@ class EventStoreApp(Application):
 
 def open_app(config: StoreConfig) -> EventStoreApp:
     env = eventsourcing_env(config)
-    if not config.is_postgres:
-        # The library reads os.environ too; our env wins.
-        return EventStoreApp(env=env)
-    # The recorder creates its tables in its constructor: hold the DDL lock across it
-    # (the session lock ends with the connection).
-    with _pg_connect(config) as conn:
-        conn.execute(DDL_LOCK_SQL)
-        if config.schema:
-            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{config.schema}"')
+    # The recorder creates its tables in its constructor: under the DDL lock. The library
+    # reads os.environ too; our env wins.
+    with ddl_lock(config):
         return EventStoreApp(env=env)
 
 
