@@ -1,8 +1,12 @@
-"""Helpers shared by benchmarks: percentiles and ratios, all from measured samples."""
+"""Helpers shared by benchmarks: percentiles and ratios, all from measured samples, and a
+counter of what this process sends to PostgreSQL through psycopg."""
 
 from __future__ import annotations
 
 import statistics
+import threading
+from collections import Counter
+from typing import Any
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -19,3 +23,50 @@ def median(values: list[float]) -> float:
 
 def ratio(a: float, b: float) -> float:
     return round(a / b, 2) if b else float("inf")
+
+
+class PsycopgCounter:
+    """Counts what this process sends through psycopg: statements (`execute`, each row of
+    `executemany` is not a round trip when pipelined, so both are counted), COPY
+    operations, commits and rollbacks. Installed by patching the classes for the run."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _wrap(self, cls: Any, name: str, key: str) -> None:
+        original = getattr(cls, name)
+        counts, lock = self.counts, self.lock
+
+        def wrapper(obj: Any, *args: Any, **kwargs: Any) -> Any:
+            with lock:
+                counts[key] += 1
+            return original(obj, *args, **kwargs)
+
+        self._saved.append((cls, name, original))
+        setattr(cls, name, wrapper)
+
+    def __enter__(self) -> PsycopgCounter:
+        import psycopg
+
+        self._wrap(psycopg.Cursor, "execute", "execute")
+        self._wrap(psycopg.Cursor, "executemany", "executemany")
+        self._wrap(psycopg.Cursor, "copy", "copy")
+        self._wrap(psycopg.Connection, "commit", "commit")
+        self._wrap(psycopg.Connection, "rollback", "rollback")
+        self._wrap(psycopg.Transaction, "__exit__", "transaction_block")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for cls, name, original in reversed(self._saved):
+            setattr(cls, name, original)
+        self._saved.clear()
+
+    def per_job(self, jobs: int) -> dict[str, float]:
+        """Statements, round trips (statements + commits) and transactions per Job."""
+        c, jobs = self.counts, max(1, jobs)
+        statements = c["execute"] + c["executemany"] + c["copy"]
+        return {"statements_per_job": round(statements / jobs, 3),
+                "round_trips_per_job": round((statements + c["commit"]) / jobs, 3),
+                "transactions_per_job": round((c["commit"] + c["transaction_block"]) / jobs, 3)}

@@ -11,6 +11,10 @@ Job carries its own bid_price of 3.5, the rest take the market rate; each Job is
 at its Island's ask. The cost of clearing per Job (budget chain + refusal check + hold
 at the budget, the clearing rate and the price at it) is measured apart, on the same
 scheduler, after the run.
+
+Each PostgreSQL run prints this process's CPU time per lifecycle (every thread) and, as
+counted at the psycopg layer (`bench.common.PsycopgCounter`), statements and round trips
+per lifecycle; the closing JSON line carries both for group commit and its baseline.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import ratio
+from bench.common import PsycopgCounter, ratio
 from ledger.service import Ledger, LedgerConfig
 from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig
@@ -70,7 +74,10 @@ def clearing_cost_us(sched: Scheduler, consumers: list[uuid.UUID], n: int = 20_0
 
 
 def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_batch: int,
-        market: bool = True) -> dict:
+        market: bool = True, clearing: bool = True) -> dict:
+    """Lifecycles for `seconds`; with `clearing` (and the market), the exchange's cost per
+    Job is measured after the run (`clearing_cost_us`). `cpu_us_per_job`: this process's
+    CPU time (every thread) during the run, per completed lifecycle."""
     app = open_app(store)
     clock = SystemClock()
     committer = GroupCommitter(app, clock, max_batch=max_batch)
@@ -145,6 +152,7 @@ def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_
     for _ in range(inflight):
         slots_free.release()
     n = 0
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     stop_at[0] = t0 + seconds
     while time.perf_counter() < stop_at[0]:
@@ -161,14 +169,16 @@ def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_
             continue
         fut.add_done_callback(submitted)
     elapsed = time.perf_counter() - t0
+    cpu_s = time.process_time() - cpu0
     completed_count = done[0]
     stop.set()
     sched.stop()
-    cost = clearing_cost_us(sched, consumers) if market else {}
+    cost = clearing_cost_us(sched, consumers) if market and clearing else {}
     stats = committer.stats
     committer.close()
     app.close()
     return {"lifecycles": completed_count, "seconds": elapsed, "per_s": completed_count / elapsed,
+            "cpu_us_per_job": round(1e6 * cpu_s / max(1, completed_count), 1),
             "errors": errors[0], "mean_batch": stats.commands / max(1, stats.batches), **cost}
 
 
@@ -200,19 +210,24 @@ def main(argv: list[str]) -> dict:
     for name, max_batch in (("group", 500), ("single", 1)):
         store = _pg("bench_lc")
         try:
-            results[f"pg_{name}"] = r = run(store, seconds=args.seconds, inflight=args.inflight if max_batch > 1
-                                            else 64, islands=args.islands, max_batch=max_batch, market=market)
+            with PsycopgCounter() as counter:
+                r = run(store, seconds=args.seconds, inflight=args.inflight if max_batch > 1 else 64,
+                        islands=args.islands, max_batch=max_batch, market=market)
         finally:
             _drop(store)
-        print(f"PostgreSQL {name:>6}: {r['per_s']:8.0f} lifecycles/s  (mean batch {r['mean_batch']:.1f}, "
-              f"errors {r['errors']})")
+        r.update(counter.per_job(r["lifecycles"]))
+        results[f"pg_{name}"] = r
+        print(f"PostgreSQL {name:>6}: {r['per_s']:8.0f} lifecycles/s  ({r['cpu_us_per_job']:.0f} us CPU per Job, "
+              f"{r['round_trips_per_job']:.3f} round trips, {r['statements_per_job']:.3f} statements per Job; "
+              f"mean batch {r['mean_batch']:.1f}, errors {r['errors']})")
     tmp = Path(tempfile.mkdtemp(prefix="bench-lc-"))
     try:
         results["sqlite"] = r = run(StoreConfig(database_url=None, data_dir=tmp), seconds=args.seconds,
                                     inflight=args.inflight, islands=args.islands, max_batch=500, market=market)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"SQLite     group: {r['per_s']:8.0f} lifecycles/s  (mean batch {r['mean_batch']:.1f})")
+    print(f"SQLite     group: {r['per_s']:8.0f} lifecycles/s  ({r['cpu_us_per_job']:.0f} us CPU per Job; "
+          f"mean batch {r['mean_batch']:.1f})")
     if market:
         g = results["pg_group"]
         print(f"clearing per Job: {g['clearing_us_per_job']:.2f} us (budget chain, refusal check, hold at the budget, "
@@ -222,5 +237,10 @@ def main(argv: list[str]) -> dict:
             "baseline_ops_per_s": round(results["pg_single"]["per_s"]),
             "ratio": ratio(results["pg_group"]["per_s"], results["pg_single"]["per_s"]),
             "sqlite_ops_per_s": round(results["sqlite"]["per_s"]),
+            "cpu_us_per_job": results["pg_group"]["cpu_us_per_job"],
+            "baseline_cpu_us_per_job": results["pg_single"]["cpu_us_per_job"],
+            "round_trips_per_job": results["pg_group"]["round_trips_per_job"],
+            "baseline_round_trips_per_job": results["pg_single"]["round_trips_per_job"],
+            "statements_per_job": results["pg_group"]["statements_per_job"],
             "errors": results["pg_group"]["errors"], "market": market,
             "clearing_us_per_job": results["pg_group"].get("clearing_us_per_job")}

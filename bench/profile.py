@@ -28,13 +28,12 @@ import cProfile
 import gc
 import os
 import pstats
-import threading
 import time
 import tracemalloc
 from collections import Counter
 from typing import Any
 
-from bench.common import ratio
+from bench.common import PsycopgCounter, ratio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,45 +125,6 @@ def profile_sim(jobs: int, top: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- PostgreSQL
-class PsycopgCounter:
-    """Counts what this process sends through psycopg: statements (`execute`, each row of
-    `executemany` is not a round trip when pipelined, so both are counted), COPY
-    operations, commits and rollbacks. Installed by patching the classes for the run."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        self._saved: list[tuple[Any, str, Any]] = []
-
-    def _wrap(self, cls: Any, name: str, key: str) -> None:
-        original = getattr(cls, name)
-        counts, lock = self.counts, self.lock
-
-        def wrapper(obj: Any, *args: Any, **kwargs: Any) -> Any:
-            with lock:
-                counts[key] += 1
-            return original(obj, *args, **kwargs)
-
-        self._saved.append((cls, name, original))
-        setattr(cls, name, wrapper)
-
-    def __enter__(self) -> PsycopgCounter:
-        import psycopg
-
-        self._wrap(psycopg.Cursor, "execute", "execute")
-        self._wrap(psycopg.Cursor, "executemany", "executemany")
-        self._wrap(psycopg.Cursor, "copy", "copy")
-        self._wrap(psycopg.Connection, "commit", "commit")
-        self._wrap(psycopg.Connection, "rollback", "rollback")
-        self._wrap(psycopg.Transaction, "__exit__", "transaction_block")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for cls, name, original in reversed(self._saved):
-            setattr(cls, name, original)
-        self._saved.clear()
-
-
 def profile_pg(seconds: float, top: int) -> dict[str, Any]:
     from bench.lifecycle import _drop, _pg, run
 
@@ -173,18 +133,14 @@ def profile_pg(seconds: float, top: int) -> dict[str, Any]:
         store = _pg("bench_prof")
         try:
             with PsycopgCounter() as counter:
-                r = run(store, seconds=seconds, inflight=inflight, islands=200, max_batch=max_batch)
+                r = run(store, seconds=seconds, inflight=inflight, islands=200, max_batch=max_batch, clearing=False)
         finally:
             _drop(store)
         jobs = max(1, r["lifecycles"])
         c = counter.counts
-        statements = c["execute"] + c["executemany"] + c["copy"]
-        transactions = c["commit"] + c["transaction_block"]
         out[name] = {"lifecycles_per_s": round(r["per_s"]), "lifecycles": r["lifecycles"],
-                     "mean_commit_batch": round(r["mean_batch"], 1),
-                     "statements_per_job": round(statements / jobs, 3),
-                     "round_trips_per_job": round((statements + c["commit"]) / jobs, 3),
-                     "transactions_per_job": round(transactions / jobs, 3), "errors": r["errors"],
+                     "mean_commit_batch": round(r["mean_batch"], 1), **counter.per_job(jobs),
+                     "cpu_us_per_job": r["cpu_us_per_job"], "errors": r["errors"],
                      "raw_counts": dict(c)}
     # a yappi profile of the group-commit run (every thread)
     try:
@@ -197,7 +153,7 @@ def profile_pg(seconds: float, top: int) -> dict[str, Any]:
     yappi.clear_stats()
     yappi.start(builtins=True, profile_threads=True)
     try:
-        r = run(store, seconds=seconds, inflight=2_000, islands=200, max_batch=500)
+        r = run(store, seconds=seconds, inflight=2_000, islands=200, max_batch=500, clearing=False)
     finally:
         yappi.stop()
         _drop(store)
