@@ -12,6 +12,10 @@ at its Island's ask. The cost of clearing per Job (budget chain + refusal check 
 at the budget, the clearing rate and the price at it) is measured apart, on the same
 scheduler, after the run.
 
+The collector is tuned as the server tunes it (`coordinator.server.tune_gc`: startup
+objects frozen, young collections every 50,000 allocations): without it full collections
+over the cached aggregates cost 35-45 % of the CPU per lifecycle (docs/PERFORMANCE.md).
+
 Each PostgreSQL run prints this process's CPU time per lifecycle (every thread) and, as
 counted at the psycopg layer (`bench.common.PsycopgCounter`), statements and round trips
 per lifecycle; the closing JSON line carries both for group commit and its baseline.
@@ -26,9 +30,11 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import PsycopgCounter, ratio
+from coordinator.server import tune_gc
 from ledger.service import Ledger, LedgerConfig
 from scheduler.catalog import Catalog
 from scheduler.config import SchedulerConfig
@@ -74,10 +80,11 @@ def clearing_cost_us(sched: Scheduler, consumers: list[uuid.UUID], n: int = 20_0
 
 
 def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_batch: int,
-        market: bool = True, clearing: bool = True) -> dict:
+        market: bool = True, clearing: bool = True, on_started: Callable[[], None] | None = None) -> dict:
     """Lifecycles for `seconds`; with `clearing` (and the market), the exchange's cost per
     Job is measured after the run (`clearing_cost_us`). `cpu_us_per_job`: this process's
-    CPU time (every thread) during the run, per completed lifecycle."""
+    CPU time (every thread) during the run, per completed lifecycle. `on_started` is called
+    when the load starts (after setup), e.g. to attach a profiler."""
     app = open_app(store)
     clock = SystemClock()
     committer = GroupCommitter(app, clock, max_batch=max_batch)
@@ -152,6 +159,9 @@ def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_
     for _ in range(inflight):
         slots_free.release()
     n = 0
+    tune_gc()  # as `coordinator serve` does once its services are built (decision 0019)
+    if on_started is not None:
+        on_started()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     stop_at[0] = t0 + seconds
@@ -178,7 +188,7 @@ def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_
     committer.close()
     app.close()
     return {"lifecycles": completed_count, "seconds": elapsed, "per_s": completed_count / elapsed,
-            "cpu_us_per_job": round(1e6 * cpu_s / max(1, completed_count), 1),
+            "cpu_us_per_job": round(1e6 * cpu_s / max(1, completed_count), 1), "cpu_s": cpu_s,
             "errors": errors[0], "mean_batch": stats.commands / max(1, stats.batches), **cost}
 
 

@@ -14,8 +14,9 @@ Two measurements, each against its own baseline in the same run:
 2. **PostgreSQL lifecycles** (`bench lifecycle`'s load: submit → assign → accept →
    complete, group commit): statements, round trips, transactions and commits per Job
    counted at the psycopg layer of this process (every `execute`, `executemany`, `copy`
-   and `commit`), the mean commit batch, and a yappi profile of every thread (the writer
-   thread included), top `--top` by own time. Baseline: the same load with one command
+   and `commit`), the mean commit batch, and a py-spy profile of every thread (the writer
+   thread included; `--gil`, sampled from the start of the load to its end), top `--top`
+   by own and by inclusive time, as shares of this process's CPU time per Job. Baseline: the same load with one command
    per transaction.
 
 Ends with one JSON line.
@@ -142,37 +143,100 @@ def profile_pg(seconds: float, top: int) -> dict[str, Any]:
                      "mean_commit_batch": round(r["mean_batch"], 1), **counter.per_job(jobs),
                      "cpu_us_per_job": r["cpu_us_per_job"], "errors": r["errors"],
                      "raw_counts": dict(c)}
-    # a yappi profile of the group-commit run (every thread)
-    try:
-        import yappi
-    except ImportError:  # pragma: no cover - yappi is a dev dependency
-        out["profile"] = None
-        return out
-    store = _pg("bench_prof")
-    yappi.set_clock_type("cpu")
-    yappi.clear_stats()
-    yappi.start(builtins=True, profile_threads=True)
-    try:
-        r = run(store, seconds=seconds, inflight=2_000, islands=200, max_batch=500, clearing=False)
-    finally:
-        yappi.stop()
-        _drop(store)
-    jobs = max(1, r["lifecycles"])
-    stats = sorted(yappi.get_func_stats(), key=lambda s: s.tsub, reverse=True)
-    total = sum(s.tsub for s in stats) or 1.0
-    out["profile"] = {"lifecycles": r["lifecycles"], "cpu_us_per_job": round(1e6 * total / jobs, 1),
-                      "top": [{"function": _where(s.module, s.lineno, s.name), "own_us_per_job":
-                               round(1e6 * s.tsub / jobs, 2), "calls_per_job": round(s.ncall / jobs, 2),
-                               "share": round(s.tsub / total, 4)} for s in stats[:top]]}
-    yappi.clear_stats()
+    out["profile"] = spy_profile_pg(seconds, top)
     return out
 
 
-def _print_top(title: str, rows: list[dict[str, Any]]) -> None:
+def _frame_name(frame: str) -> str:
+    """py-spy's raw frame `name (path:line)` as `name (path-in-repo)` (lines merged)."""
+    name, _, where = frame.partition(" (")
+    path = where.rsplit(":", 1)[0]
+    if path.startswith(ROOT):
+        path = path[len(ROOT) + 1:]
+    if "site-packages/" in path:
+        path = path.split("site-packages/", 1)[1]
+    return f"{name} ({path})" if path else name
+
+
+def aggregate_spy(raw_lines: list[str], jobs: int, cpu_s: float, top: int) -> dict[str, Any]:
+    """Own and inclusive sample shares by function from py-spy's raw (collapsed) output;
+    microseconds per Job are the shares of this process's CPU time in the sampled window."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw_lines:
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_frame_name(f) for f in stack.split(";")[1:]]  # [0] is the thread
+        if frames:
+            own[frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+    us = 1e6 * cpu_s / max(1, jobs)
+
+    def rows(c: Counter[str]) -> list[dict[str, Any]]:
+        return [{"function": f, "share": round(n / total, 4), "own_us_per_job": round(us * n / total, 2),
+                 "calls_per_job": None} for f, n in c.most_common(top)] if total else []
+
+    return {"samples": total, "top": rows(own), "inclusive": rows(inclusive)}
+
+
+def spy_profile_pg(seconds: float, top: int) -> dict[str, Any] | None:
+    """The group-commit load sampled by py-spy attached to this process (every thread,
+    `--gil`: only the thread holding the interpreter lock, i.e. where Python CPU goes),
+    from when the load starts to when it stops: setup is not in it. None without py-spy."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from bench.lifecycle import _drop, _pg, run
+
+    spy = shutil.which("py-spy")
+    if spy is None:
+        print("  (py-spy not installed: no PostgreSQL profile)")
+        return None
+    tmp = tempfile.NamedTemporaryFile(suffix=".txt", delete=False)
+    tmp.close()
+    proc: list[subprocess.Popen] = []
+    cpu = [0.0]
+
+    def started() -> None:
+        cpu[0] = time.process_time()
+        proc.append(subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--gil", "--nonblocking",
+                                      "--rate", "250", "--duration", str(max(1, int(seconds) - 1)),
+                                      "--format", "raw", "--output", tmp.name],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+
+    store = _pg("bench_prof")
+    try:
+        r = run(store, seconds=seconds, inflight=2_000, islands=200, max_batch=500, clearing=False,
+                on_started=started)
+    finally:
+        _drop(store)
+    if not proc:
+        return None
+    _out, err = proc[0].communicate(timeout=60)
+    with open(tmp.name) as f:
+        lines = f.readlines()
+    os.unlink(tmp.name)
+    if proc[0].returncode != 0 or not lines:
+        print(f"  (py-spy failed: {err.decode(errors='replace').strip()[-200:]})")
+        return None
+    result = aggregate_spy(lines, r["lifecycles"], r["cpu_s"], top)
+    result.update(lifecycles=r["lifecycles"], cpu_us_per_job=r["cpu_us_per_job"],
+                  lifecycles_per_s=round(r["per_s"]))
+    return result
+
+
+def _print_top(title: str, rows: list[dict[str, Any]], label: str = "own us/Job") -> None:
     print(title)
-    print(f"  {'own us/Job':>10} {'calls/Job':>9} {'share':>6}  function")
+    print(f"  {label:>10} {'calls/Job':>9} {'share':>6}  function")
     for r in rows:
-        print(f"  {r['own_us_per_job']:10.2f} {r['calls_per_job']:9.2f} {100 * r['share']:5.1f}%  {r['function']}")
+        calls = "-" if r["calls_per_job"] is None else f"{r['calls_per_job']:.2f}"
+        print(f"  {r['own_us_per_job']:10.2f} {calls:>9} {100 * r['share']:5.1f}%  {r['function']}")
 
 
 def main(argv: list[str]) -> dict:
@@ -207,9 +271,10 @@ def main(argv: list[str]) -> dict:
                   f"mean commit batch {r['mean_commit_batch']} commands")
         if pg.get("profile"):
             prof = pg["profile"]
-            _print_top(f"  top {args.top} by own CPU time, every thread, under yappi ({prof['lifecycles']} "
-                       f"lifecycles in the profiled run, {prof['cpu_us_per_job']} us CPU per Job with the "
-                       f"profiler's overhead; read the shares):", prof["top"])
+            title = (f"lifecycles sampled by py-spy --gil ({prof['samples']} samples over {prof['lifecycles']} "
+                     f"lifecycles at {prof['lifecycles_per_s']:,}/s, {prof['cpu_us_per_job']} us CPU per Job)")
+            _print_top(f"  top {args.top} by own time, {title}:", prof["top"])
+            _print_top(f"  top {args.top} by inclusive time:", prof["inclusive"], "incl us/Job")
         result.update(pg_lifecycles_per_s=g["lifecycles_per_s"], baseline_pg_lifecycles_per_s=s["lifecycles_per_s"],
                       pg_ratio=ratio(g["lifecycles_per_s"], s["lifecycles_per_s"]),
                       pg_round_trips_per_job=g["round_trips_per_job"],
