@@ -80,7 +80,7 @@ def clearing_cost_us(sched: Scheduler, consumers: list[uuid.UUID], n: int = 20_0
 
 
 def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_batch: int,
-        market: bool = True, clearing: bool = True, on_started: Callable[[], None] | None = None) -> dict:
+        market: bool = True, clearing: bool = True, server_gc: bool = True, on_started: Callable[[], None] | None = None) -> dict:
     """Lifecycles for `seconds`; with `clearing` (and the market), the exchange's cost per
     Job is measured after the run (`clearing_cost_us`). `cpu_us_per_job`: this process's
     CPU time (every thread) during the run, per completed lifecycle. `on_started` is called
@@ -159,7 +159,8 @@ def run(store: StoreConfig, *, seconds: float, inflight: int, islands: int, max_
     for _ in range(inflight):
         slots_free.release()
     n = 0
-    tune_gc()  # as `coordinator serve` does once its services are built (decision 0019)
+    if server_gc:
+        tune_gc()  # as `coordinator serve` does once its services are built (decision 0019)
     if on_started is not None:
         on_started()
     cpu0 = time.process_time()
@@ -214,6 +215,8 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--inflight", type=int, default=2_000)
     ap.add_argument("--islands", type=int, default=200)
     ap.add_argument("--no-market", action="store_true", help="no asks and no bids (every Job at the market rate)")
+    ap.add_argument("--default-gc", action="store_true",
+                    help="keep Python's default collector thresholds (not what the server runs)")
     args = ap.parse_args(argv)
     market = not args.no_market
     results = {}
@@ -222,7 +225,8 @@ def main(argv: list[str]) -> dict:
         try:
             with PsycopgCounter() as counter:
                 r = run(store, seconds=args.seconds, inflight=args.inflight if max_batch > 1 else 64,
-                        islands=args.islands, max_batch=max_batch, market=market)
+                        islands=args.islands, max_batch=max_batch, market=market,
+                        server_gc=not args.default_gc)
         finally:
             _drop(store)
         r.update(counter.per_job(r["lifecycles"]))
@@ -233,7 +237,8 @@ def main(argv: list[str]) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-lc-"))
     try:
         results["sqlite"] = r = run(StoreConfig(database_url=None, data_dir=tmp), seconds=args.seconds,
-                                    inflight=args.inflight, islands=args.islands, max_batch=500, market=market)
+                                    inflight=args.inflight, islands=args.islands, max_batch=500, market=market,
+                                    server_gc=not args.default_gc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"SQLite     group: {r['per_s']:8.0f} lifecycles/s  ({r['cpu_us_per_job']:.0f} us CPU per Job; "
@@ -252,5 +257,5 @@ def main(argv: list[str]) -> dict:
             "round_trips_per_job": results["pg_group"]["round_trips_per_job"],
             "baseline_round_trips_per_job": results["pg_single"]["round_trips_per_job"],
             "statements_per_job": results["pg_group"]["statements_per_job"],
-            "errors": results["pg_group"]["errors"], "market": market,
+            "errors": results["pg_group"]["errors"], "market": market, "server_gc": not args.default_gc,
             "clearing_us_per_job": results["pg_group"].get("clearing_us_per_job")}
