@@ -25,52 +25,46 @@ def _events(n: int, *, start_version: int = 1, oid: uuid.UUID | None = None) -> 
     return out
 
 
-def test_insert_reads_back_exactly_in_order(pg_store_config):
+@pytest.fixture
+def rec(pg_store_config):
     app = open_app(pg_store_config)
     try:
-        rec = app.recorder
-        assert isinstance(rec, FastPostgresApplicationRecorder)
-        batch = _events(150)
-        ids = rec.insert_events(batch)
-        assert ids == sorted(ids) and len(set(ids)) == 150
-        got = rec.select_notifications(start=ids[0], limit=1000)
-        assert [(n.originator_id, n.originator_version, n.topic, bytes(n.state)) for n in got] == \
-            [(e.originator_id, e.originator_version, e.topic, e.state) for e in batch]
-        assert [n.id for n in got] == ids
-        # one stream, many versions in one batch, then the next batch on it
-        oid = uuid.uuid4()
-        rec.insert_events(_events(5, oid=oid))
-        rec.insert_events(_events(3, oid=oid, start_version=6))
-        assert [e.originator_version for e in rec.select_events(oid)] == list(range(1, 9))
+        yield app.recorder
     finally:
         app.close()
 
 
-def test_duplicate_version_is_refused_and_nothing_is_written(pg_store_config):
-    app = open_app(pg_store_config)
-    try:
-        rec = app.recorder
-        oid = uuid.uuid4()
-        rec.insert_events(_events(2, oid=oid))
-        before = rec.max_notification_id()
-        with pytest.raises(IntegrityError):
-            rec.insert_events(_events(1) + _events(1, oid=oid, start_version=2))
-        assert rec.max_notification_id() == before
-        assert len(rec.select_events(oid)) == 2
-    finally:
-        app.close()
+def test_insert_reads_back_exactly_in_order(rec):
+    assert isinstance(rec, FastPostgresApplicationRecorder)
+    batch = _events(150)
+    ids = rec.insert_events(batch)
+    assert ids == sorted(ids) and len(set(ids)) == 150
+    got = rec.select_notifications(start=ids[0], limit=1000)
+    assert [(n.originator_id, n.originator_version, n.topic, bytes(n.state)) for n in got] == \
+        [(e.originator_id, e.originator_version, e.topic, e.state) for e in batch]
+    assert [n.id for n in got] == ids
+    # one stream, many versions in one batch, then the next batch on it
+    oid = uuid.uuid4()
+    rec.insert_events(_events(5, oid=oid))
+    rec.insert_events(_events(3, oid=oid, start_version=6))
+    assert [e.originator_version for e in rec.select_events(oid)] == list(range(1, 9))
 
 
-def test_library_insert_and_ours_write_the_same_rows(pg_store_config):
-    app = open_app(pg_store_config)
-    try:
-        rec = app.recorder
-        ours, theirs = _events(20), _events(20)
-        rec.insert_events(ours)
-        with rec.datastore.transaction(commit=True) as curs:  # the library's composite-array insert
-            super(FastPostgresApplicationRecorder, rec)._insert_stored_events(curs, theirs)
-        got = rec.select_notifications(start=1, limit=100)
-        assert [(n.originator_id, n.originator_version, n.topic, bytes(n.state)) for n in got] == \
-            [(e.originator_id, e.originator_version, e.topic, e.state) for e in ours + theirs]
-    finally:
-        app.close()
+def test_duplicate_version_is_refused_and_nothing_is_written(rec):
+    oid = uuid.uuid4()
+    rec.insert_events(_events(2, oid=oid))
+    before = rec.max_notification_id()
+    with pytest.raises(IntegrityError):
+        rec.insert_events(_events(1) + _events(1, oid=oid, start_version=2))
+    assert rec.max_notification_id() == before
+    assert len(rec.select_events(oid)) == 2
+
+
+def test_library_insert_and_ours_write_the_same_rows(rec):
+    ours, theirs = _events(20), _events(20)
+    rec.insert_events(ours)
+    with rec.datastore.transaction(commit=True) as curs:  # the library's composite-array insert
+        super(FastPostgresApplicationRecorder, rec)._insert_stored_events(curs, theirs)
+    got = rec.select_notifications(start=1, limit=100)
+    assert [(n.originator_id, n.originator_version, n.topic, bytes(n.state)) for n in got] == \
+        [(e.originator_id, e.originator_version, e.topic, e.state) for e in ours + theirs]
