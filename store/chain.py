@@ -23,6 +23,7 @@ Infrastructure only: imports the event-sourcing library, nothing of ours.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 from collections.abc import Iterable, Mapping
@@ -34,7 +35,7 @@ from uuid import UUID
 
 import msgspec
 from eventsourcing.domain import Aggregate, OriginatorIDError, OriginatorVersionError
-from eventsourcing.utils import get_topic
+from eventsourcing.utils import get_topic, resolve_topic
 
 GENESIS = ""  # the "previous hash" of a stream's first event
 CHAIN_TAG = "archipelag-chain-v1"  # domain separation; change it if the scheme ever changes
@@ -112,6 +113,60 @@ def chain_hash(prev_hex: str, topic: str, originator_id: Any, version: int, fiel
     return blake2b(payload, digest_size=32).hexdigest()
 
 
+# ------------------------------------------------------------------ event construction
+_REQUIRED = object()  # a field without a default
+_new_object = object.__new__
+_set_attr = object.__setattr__
+
+
+class _EventSpec:
+    """What building an event of one class needs, read once from its dataclass fields:
+    `template`, every field in declaration order mapped to its default (`_REQUIRED` if
+    none), and the topic."""
+
+    __slots__ = ("template", "topic")
+
+    def __init__(self, cls: type) -> None:
+        fields = dataclasses.fields(cls)
+        assert all(f.default_factory is dataclasses.MISSING for f in fields), f"{cls}: default_factory unsupported"
+        assert all(f.init for f in fields), f"{cls}: init=False fields unsupported"
+        self.template = {f.name: _REQUIRED if f.default is dataclasses.MISSING else f.default for f in fields}
+        self.topic = get_topic(cls)
+
+
+_SPECS: dict[type, _EventSpec] = {}
+
+
+def _spec(cls: type) -> _EventSpec:
+    spec = _SPECS.get(cls)
+    if spec is None:
+        spec = _SPECS[cls] = _EventSpec(cls)
+    return spec
+
+
+def _event_dict(spec: _EventSpec, cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The event's `__dict__` as the dataclass `__init__` would fill it: every field in
+    declaration order (the template's; updating a key keeps its place), defaults for
+    those not given; a TypeError for an unknown or a missing field."""
+    out = spec.template.copy()
+    out.update(values)
+    if len(out) != len(spec.template) or _REQUIRED in out.values():
+        unknown = sorted(set(values) - set(spec.template))
+        missing = [name for name, value in out.items() if value is _REQUIRED]
+        msg = f"Can't construct event {cls}: unexpected keyword argument(s) {unknown}, missing required argument(s) {missing}"
+        raise TypeError(msg)
+    return out
+
+
+def _build_event(cls: type, state: dict[str, Any]) -> Any:
+    """An event object with `state` as its attributes, without the frozen dataclass
+    `__init__` (one `object.__setattr__` per field): the library's own mapper builds
+    decoded events the same way. Equal to `cls(**state)` (same fields, order, values)."""
+    event = _new_object(cls)
+    _set_attr(event, "__dict__", state)
+    return event
+
+
 # ------------------------------------------------------------------ aggregates
 class ChainedAggregate(Aggregate):
     """An aggregate whose events are hash-chained per stream. Subclasses derive their
@@ -129,59 +184,119 @@ class ChainedAggregate(Aggregate):
             aggregate's own id object). Then the stream's head moves to this event."""
             assert aggregate is not None
             originator_id = self.originator_id
-            if originator_id is not aggregate.id and originator_id != aggregate.id:
-                raise OriginatorIDError(originator_id, aggregate.id)
-            next_version = aggregate.version + 1
+            if originator_id is not aggregate._id and originator_id != aggregate._id:
+                raise OriginatorIDError(originator_id, aggregate._id)
+            next_version = aggregate._version + 1
             if self.originator_version != next_version:
                 raise OriginatorVersionError(self.originator_version, next_version)
             self.apply(aggregate)
-            aggregate.version = self.originator_version
-            aggregate.modified_on = self.timestamp
+            # The library's `version` and `modified_on` setters assign these two attributes.
+            aggregate._version = next_version
+            aggregate._modified_on = self.timestamp
             # Events decoded from a log written before chaining existed have no `chain`.
             aggregate.chain_head = self.__dict__.get("chain", GENESIS)
             return aggregate
 
     class Created(Event, Aggregate.Created):
         def mutate(self, aggregate: Any) -> Any:
-            # Construction is the library's (`CanInitAggregate.mutate`), not Event.mutate.
-            agg = Aggregate.Created.mutate(self, aggregate)
-            agg.chain_head = self.__dict__.get("chain", GENESIS)
+            """The library's `CanInitAggregate.mutate` (resolve the class, a bare instance,
+            `__base_init__`, then `__init__` with the event's attributes it names, the id if
+            it asks for it, then `apply`), with the parameter names read once per class."""
+            assert aggregate is None
+            state = self.__dict__
+            cls = resolve_topic(state["originator_topic"])
+            init = _INIT_PARAMS.get(cls)
+            if init is None:
+                init = _INIT_PARAMS[cls] = _init_params(cls)
+            agg = cls.__new__(cls)
+            agg.__base_init__(state["originator_id"], state["originator_version"], state["timestamp"])
+            kwargs = {k: v for k, v in state.items() if k in init[0]}
+            if init[1]:
+                kwargs["id"] = state["originator_id"]
+            agg.__init__(**kwargs)
+            self.apply(agg)
+            agg.chain_head = state.get("chain", GENESIS)
             return agg
 
     def trigger_event(self, event_class: Any, **kwargs: Any) -> None:
-        """The library's `BaseAggregate.trigger_event` plus the chain hash, in one frame:
-        `kwargs` is already this call's own dict (no copy needed), the id and version are
-        read once. Aggregates with explicit TOPICs take the library's path (it checks the
+        """The library's `BaseAggregate.trigger_event` plus the chain hash, in one frame.
+        The event's attributes are put together once (`_event_dict`: declaration order,
+        defaults filled), hashed, and become the event's `__dict__`. The hash covers
+        every field, defaults included: what `verify_chains` recomputes from the stored
+        event. Aggregates with explicit TOPICs take the library's path (it checks the
         topic registration)."""
         if kwargs.get("timestamp") is None:
             kwargs["timestamp"] = event_class.create_timestamp()
-        originator_id = self.id
-        version = self.version + 1
-        kwargs["chain"] = chain_hash(self.chain_head, get_topic(event_class), originator_id, version, kwargs)
+        version = self._version + 1
         if getattr(type(self), "TOPIC", None):
+            fields = _event_dict(_spec(event_class), event_class,
+                                 {**kwargs, "originator_id": self._id, "originator_version": version, "chain": ""})
+            kwargs["chain"] = chain_hash(self.chain_head, get_topic(event_class), self._id, version, fields)
             super().trigger_event(event_class, **kwargs)
             return
+        spec = _SPECS.get(event_class)
+        if spec is None:
+            spec = _spec(event_class)
+        originator_id = self._id
         kwargs["originator_id"] = originator_id
         kwargs["originator_version"] = version
-        try:
-            new_event = event_class(**kwargs)
-        except TypeError as e:
-            msg = f"Can't construct event {event_class}: {e}"
-            raise TypeError(msg) from None
+        kwargs["chain"] = ""  # its place in the field order; the hash leaves it out
+        state = _event_dict(spec, event_class, kwargs)
+        state["chain"] = chain_hash(self.chain_head, spec.topic, originator_id, version, state)
+        new_event = _build_event(event_class, state)
         new_event.mutate(self)
         self._pending_events.append(new_event)
 
     @classmethod
     def _create(cls, event_class: Any, *, id: Any = None, **kwargs: Any) -> Any:  # noqa: A002
+        """The library's `BaseAggregate._create` (id from `create_id` when not given and
+        checked, the created event with the aggregate's topic, the aggregate built by the
+        event's `mutate`, the event pending) with the chain hash over every field."""
+        if getattr(cls, "TOPIC", None):
+            return cls._create_by_library(event_class, id=id, **kwargs)
+        if id is None:
+            params = inspect.signature(cls.create_id).parameters
+            id = cls.create_id(**{k: v for k, v in kwargs.items() if k in params})  # noqa: A001
+        if not isinstance(id, (UUID, str)):
+            msg = f"Given id was not a UUID or str: {id!r}"
+            raise TypeError(msg)
+        if kwargs.get("timestamp") is None:
+            kwargs["timestamp"] = event_class.create_timestamp()
+        spec = _spec(event_class)
+        kwargs["originator_topic"] = get_topic(cls)
+        kwargs["originator_id"] = id
+        kwargs["originator_version"] = cls.INITIAL_VERSION
+        kwargs["chain"] = ""
+        state = _event_dict(spec, event_class, kwargs)
+        if not isinstance(id, UUID):  # the event's own check (DomainEvent.__post_init__)
+            event_class(**state)
+        state["chain"] = chain_hash(GENESIS, spec.topic, id, cls.INITIAL_VERSION, state)
+        created = _build_event(event_class, state)
+        agg = created.mutate(None)
+        agg._pending_events.append(created)
+        return agg
+
+    @classmethod
+    def _create_by_library(cls, event_class: Any, *, id: Any = None, **kwargs: Any) -> Any:  # noqa: A002
         if id is None:
             params = inspect.signature(cls.create_id).parameters
             id = cls.create_id(**{k: v for k, v in kwargs.items() if k in params})  # noqa: A001
         if kwargs.get("timestamp") is None:
             kwargs["timestamp"] = event_class.create_timestamp()
-        # The library adds originator_topic to the created event: hash it too.
-        fields = {**kwargs, "originator_topic": get_topic(cls)}
+        fields = _event_dict(_spec(event_class), event_class,
+                             {**kwargs, "originator_topic": get_topic(cls), "originator_id": id,
+                              "originator_version": cls.INITIAL_VERSION, "chain": ""})
         kwargs["chain"] = chain_hash(GENESIS, get_topic(event_class), id, cls.INITIAL_VERSION, fields)
         return super()._create(event_class, id=id, **kwargs)
+
+
+# aggregate class -> (the parameter names of its __init__, whether it names `id`)
+_INIT_PARAMS: dict[type, tuple[frozenset[str], bool]] = {}
+
+
+def _init_params(cls: type) -> tuple[frozenset[str], bool]:
+    names = frozenset(inspect.signature(cls.__init__).parameters)
+    return names - {"self", "id"}, "id" in names
 
 
 def is_chained(event: Any) -> bool:

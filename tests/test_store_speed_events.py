@@ -63,13 +63,17 @@ _event = st.one_of(
     st.tuples(st.just(Job.Queued), st.fixed_dictionaries({})),
     st.tuples(st.just(Job.Assigned), st.fixed_dictionaries({
         "island_id": _text, "owner_account_id": _text, "ack_deadline_ms": _small,
-        "score": st.dictionaries(_text, _json, max_size=4), "candidates": _small})),
+        "score": st.dictionaries(_text, _json, max_size=4), "candidates": _small,
+        # Every field is given, defaults included: the original hashed only the given ones
+        # (see test_an_event_without_its_defaulted_fields_verifies).
+        "ask_micro": _small, "surge_permille": _small, "clearing_micro": _small, "cargo": _text})),
     st.tuples(st.just(Job.OfferDeclined), st.fixed_dictionaries({"island_id": _text, "reason": _text})),
     st.tuples(st.just(Job.Started), st.fixed_dictionaries({"island_id": _text, "lease_deadline_ms": _small})),
     st.tuples(st.just(Job.Requeued), st.fixed_dictionaries({"island_id": _text, "reason": _text})),
     st.tuples(st.just(Job.Completed), st.fixed_dictionaries({
         "usage": st.dictionaries(_text, _small, max_size=3), "output": _text, "charged_micro": _small,
-        "earning_micro": _small, "fee_micro": _small, "compute_ms": _small, "tokens_per_s_milli": _small})),
+        "earning_micro": _small, "fee_micro": _small, "compute_ms": _small, "tokens_per_s_milli": _small,
+        "list_price_micro": _small, "clearing_micro": _small})),
     st.tuples(st.just(Job.Cancelled), st.fixed_dictionaries({
         "by": _text, "stage": _text, "charged_micro": _small, "usage": st.dictionaries(_text, _small, max_size=2)})),
 )
@@ -110,6 +114,41 @@ def test_trigger_and_mutate_build_what_the_original_built(seed: int, created_ms:
         for e in old_events:
             replay_old = e.mutate(replay_old)
     assert _state(replay_new) == _state(replay_old) == _state(new_job)
+
+
+@pytest.mark.parametrize("old", [False, True])
+def test_an_event_without_its_defaulted_fields_verifies(old: bool) -> None:
+    """The chain hash covers every field, defaults included, because `verify_chains`
+    recomputes it from the stored event, which holds the defaults. The original code
+    hashed only the keyword arguments given, so an event that left a defaulted field
+    out (here `Job.Assigned` without its four market fields) did not verify."""
+    from store.chain import verify_chains
+
+    def events() -> list[Any]:
+        _, evs = _run(3, 1_700_000_000_000, [(Job.Assigned, {"island_id": "i", "owner_account_id": "o",
+                                                             "ack_deadline_ms": 5, "score": {}, "candidates": 1},
+                                              1_700_000_000_001)])
+        return evs
+
+    if old:
+        with old_code():
+            evs = events()
+    else:
+        evs = events()
+    assert vars(evs[1])["ask_micro"] == -1 and vars(evs[1])["cargo"] == ""  # the defaults are in the event
+    report = verify_chains(enumerate(evs, start=1))
+    assert report.chained_events == 2
+    assert report.ok is (not old), report.breaks
+
+
+def test_a_missing_or_unknown_field_is_a_type_error_and_changes_nothing() -> None:
+    job, _ = _run(4, 1_700_000_000_000, [])
+    before = _state(job)
+    with pytest.raises(TypeError, match=r"missing required argument\(s\) \['island_id'\]"):
+        job.trigger_event(Job.Started, lease_deadline_ms=5)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        job.trigger_event(Job.Started, island_id="i", lease_deadline_ms=5, colour="red")
+    assert _state(job) == before and job.version == 1
 
 
 @pytest.mark.parametrize("old", [False, True])
