@@ -43,6 +43,7 @@ from eventsourcing.domain import BaseAggregate
 from eventsourcing.persistence import IntegrityError, Notification, Recording
 
 from store.clock import Clock
+from store.futures import CommandFuture
 
 log = structlog.get_logger("store.commit")
 
@@ -191,7 +192,7 @@ class GroupCommitter:
             with self._inline_lock:
                 ok, value = self._run_inline(command, read_only)
             return SettledFuture(ok, value)
-        fut: Future = Future()
+        fut: Future = CommandFuture()
         try:
             self._queue.put_nowait((command, fut, read_only))
         except queue.Full:
