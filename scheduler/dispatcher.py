@@ -205,6 +205,7 @@ class DispatchCore:
         self.wake = threading.Event()
         self.stats = {"assigned": 0, "dispatch_rounds": 0, "no_candidate": 0, "timers": 0, "lost_races": 0,
                       "exclusions_cleared": 0}
+        self._ours: dict[type, bool] = {}  # one entry per event class seen (a fixed small set)
         committer.add_listener(self._on_commit)
 
     # ------------------------------------------------------------ log intake
@@ -212,8 +213,16 @@ class DispatchCore:
         """Writer thread: keep each of our commits (its position range and its scheduler
         events) so the core can apply it without reading it back from the database."""
         if recordings:
-            mine = [(r.notification.id, r.domain_event) for r in recordings
-                    if isinstance(r.domain_event, _SCHEDULER_EVENTS)]
+            ours = self._ours  # event class -> is it a scheduler event (isinstance, decided once per class)
+            mine = []
+            for r in recordings:
+                ev = r.domain_event
+                cls = type(ev)
+                flag = ours.get(cls)
+                if flag is None:
+                    flag = ours[cls] = issubclass(cls, _SCHEDULER_EVENTS)
+                if flag:
+                    mine.append((r.notification.id, ev))
             with self._buffer_lock:
                 self._buffer.append((recordings[0].notification.id, recordings[-1].notification.id, mine))
         if not self.wake.is_set():  # set() takes a lock and notifies; most commits find it set already
