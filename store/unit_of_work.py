@@ -161,7 +161,11 @@ class GroupCommitter:
         self.max_batch = max_batch
         self.window_s = window_ms / 1000.0
         self.max_conflict_retries = max_conflict_retries
-        self._queue: queue.Queue[tuple[Command, Future, bool] | None] = queue.Queue(maxsize=max_queue)
+        # SimpleQueue: put and get in C, no Condition per call. Its bound is checked in
+        # `submit` (the length read and the put are not one step, so concurrent submitters
+        # may overshoot it by at most their number).
+        self._queue: queue.SimpleQueue[tuple[Command, Future, bool] | None] = queue.SimpleQueue()
+        self.max_queue = max_queue
         self._cache: OrderedDict[UUID, BaseAggregate] = OrderedDict()
         self._cache_size = cache_size
         self._listeners: list[CommitListener] = []
@@ -195,11 +199,10 @@ class GroupCommitter:
             with self._inline_lock:
                 ok, value = self._run_inline(command, read_only)
             return SettledFuture(ok, value)
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded(f"more than {self.max_queue} commands waiting")
         fut: Future = CommandFuture()
-        try:
-            self._queue.put_nowait((command, fut, read_only))
-        except queue.Full:
-            raise Overloaded(f"more than {self._queue.maxsize} commands waiting") from None
+        self._queue.put((command, fut, read_only))
         return fut
 
     def execute(self, command: Callable[[UnitOfWork], T], timeout: float | None = 30.0) -> T:

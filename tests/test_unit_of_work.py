@@ -89,3 +89,25 @@ def test_conflicting_writers_in_two_committers_are_retried_not_lost(store_config
         assert c2.query(lambda uow: uow.get(acct, fresh=True).spendable_micro) == 505
     finally:
         c1.close(), c2.close(), app1.close(), app2.close()
+
+
+def test_a_full_queue_refuses_with_overloaded_and_the_queued_commands_still_run(store_config):
+    from store.unit_of_work import Overloaded
+
+    app = open_app(store_config)
+    committer = GroupCommitter(app, ManualClock(), max_batch=2, max_queue=4)
+    try:
+        barrier = threading.Event()
+        started = threading.Event()
+        blocker = committer.submit(lambda uow: (started.set(), barrier.wait(10)))
+        assert started.wait(10)  # the writer is inside the blocker: the queue is empty now
+        queued = [committer.submit(lambda uow, i=i: i) for i in range(4)]
+        with pytest.raises(Overloaded, match="more than 4 commands waiting"):
+            committer.submit(lambda uow: "refused")
+        barrier.set()
+        blocker.result(10)
+        assert [f.result(10) for f in queued] == [0, 1, 2, 3]
+        assert committer.submit(lambda uow: "after").result(10) == "after"  # room again
+    finally:
+        committer.close()
+        app.close()
