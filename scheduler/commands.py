@@ -382,8 +382,10 @@ def complete_in(uow: UnitOfWork, ledger_config: LedgerConfig, sched: SchedulerCo
         price = image_price_micro(cargo.pricing, job.input["width"], job.input["height"], job.input["steps"])
         tps = 0
     charged = settlement_micro(_at_clearing(job, price), job.hold_micro)
-    post = post_hold_in(uow, ledger_config, uuid_of(job.account_id), str(job_id), charged, job.owner_account_id)
-    _karma_in(uow, sched.karma, island_id, karma_rules.REASON_COMPLETED, job_id, compute_ms)
+    # job.id, not job_id: the aggregate's own id remembers its text (store.clock.Id) when this
+    # process created the Job; the caller's id was parsed from a message.
+    post = post_hold_in(uow, ledger_config, uuid_of(job.account_id), str(job.id), charged, job.owner_account_id)
+    _karma_in(uow, sched.karma, island_id, karma_rules.REASON_COMPLETED, job.id, compute_ms)
     if job.kind == "chat":
         try:
             _slow_in(uow, sched.karma, load_island(uow, uuid_of(island_id)), job, clean["completion_tokens"])

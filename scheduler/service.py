@@ -209,10 +209,11 @@ class Scheduler:
                         pending: bool) -> Callable[[UnitOfWork], JobView]:
         try:
             admitted = admit(self.catalog, cargo_slug, raw_input, prefs)
-            if self.core.queue.account_backlog(str(account_id)) >= self.config.max_queued_per_account:
+            account_key = str(account_id)
+            if self.core.queue.account_backlog(account_key) >= self.config.max_queued_per_account:
                 raise AdmissionRefused(QUEUE_FULL, f"at most {self.config.max_queued_per_account} queued jobs "
                                                    f"per account")
-            budget = self.resolve_budget(str(account_id), admitted)
+            budget = self.resolve_budget(account_key, admitted)
         except AdmissionRefused as refusal:
             self.refusals.record(refusal)
             raise

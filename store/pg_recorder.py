@@ -3,10 +3,11 @@
 The library inserts a batch as one array of a composite type; psycopg dumps composite
 arrays in Python, row by row, which measured as a quarter of the writer thread's time
 under load. This subclass sends four arrays of plain types instead (uuid[], bigint[],
-text[], bytea[]), in the binary parameter format (`%b`): psycopg dumps an array in
-Python either way, but the text format quotes and escapes every element (a regex per
-bytea value), which measured 9x the cost of the binary one (16.6 against 1.8 us per
-event, a batch of 60 events of 300 bytes; docs/PERFORMANCE.md). Everything else — the EXCLUSIVE table
+text[], bytea[]), in the binary parameter format (`%b`), each built whole per batch by
+`store/pg_arrays.py` rather than by psycopg's element-by-element list dumper. The text
+format quotes and escapes every element (a regex per bytea value); it measured 9x the cost
+of psycopg's binary list dumping, which in turn costs more than the packed arrays
+(`python -m bench pg_params`; docs/PERFORMANCE.md). Everything else — the EXCLUSIVE table
 lock that makes commit order equal notification order, NOTIFY, RETURNING the
 notification ids in insert order — is the library's own code path, except that the ids
 are read back as tuples (`tuple_row`) instead of one dict per row."""
@@ -21,6 +22,8 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
+from store import pg_arrays
+
 
 class FastPostgresApplicationRecorder(PostgresApplicationRecorder):
     def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events") -> None:
@@ -31,17 +34,20 @@ class FastPostgresApplicationRecorder(PostgresApplicationRecorder):
             "RETURNING notification_id"
         ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name),
                  id_type=Identifier(self.datastore.originator_id_type))
+        self._uuid_ids = self.datastore.originator_id_type == "uuid"
 
     def _insert_stored_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         self._lock_table(curs)
         self._notify_channel(curs)
+        ids = [e.originator_id for e in stored_events]
+        pg_arrays.register(curs.adapters)
         curs.execute(
             self.insert_plain_arrays_statement,
             (
-                [e.originator_id for e in stored_events],
-                [e.originator_version for e in stored_events],
-                [e.topic for e in stored_events],
-                [e.state for e in stored_events],
+                pg_arrays.uuid_array(ids) if self._uuid_ids else pg_arrays.text_array([str(i) for i in ids]),
+                pg_arrays.int8_array([e.originator_version for e in stored_events]),
+                pg_arrays.text_array([e.topic for e in stored_events]),
+                pg_arrays.bytea_array([e.state for e in stored_events]),
             ),
             prepare=True,
         )

@@ -9,7 +9,10 @@ import os
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from eventsourcing.persistence import IntegrityError, StoredEvent
+from psycopg.rows import tuple_row
 
 from store.factory import open_app
 from store.pg_recorder import FastPostgresApplicationRecorder
@@ -68,3 +71,22 @@ def test_library_insert_and_ours_write_the_same_rows(rec):
     got = rec.select_notifications(start=1, limit=100)
     assert [(n.originator_id, n.originator_version, n.topic, bytes(n.state)) for n in got] == \
         [(e.originator_id, e.originator_version, e.topic, e.state) for e in ours + theirs]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.uuids(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
+                               st.text(max_size=40).filter(lambda t: "\x00" not in t), st.binary(max_size=300)),
+                     min_size=1, max_size=30))
+def test_packed_arrays_carry_exactly_what_psycopg_lists_carry(rec, rows):
+    """store/pg_arrays.py against psycopg's own binary list dumping, through PostgreSQL:
+    the same rows come back (UUIDs, the int8 range's ends, any text but NUL, any bytes)."""
+    from store import pg_arrays
+
+    ids, versions, topics, states = (list(c) for c in zip(*rows, strict=True))
+    query = "SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[])"
+    with rec.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+        pg_arrays.register(cur.adapters)
+        packed = cur.execute(query, (pg_arrays.uuid_array(ids), pg_arrays.int8_array(versions),
+                                     pg_arrays.text_array(topics), pg_arrays.bytea_array(states))).fetchall()
+        lists = cur.execute(query, (ids, versions, topics, states)).fetchall()
+    assert packed == lists == [tuple(r) for r in rows]
