@@ -251,9 +251,9 @@ class ChainedAggregate(Aggregate):
     def _create(cls, event_class: Any, *, id: Any = None, **kwargs: Any) -> Any:  # noqa: A002
         """The library's `BaseAggregate._create` (id from `create_id` when not given and
         checked, the created event with the aggregate's topic, the aggregate built by the
-        event's `mutate`, the event pending) with the chain hash over every field."""
-        if getattr(cls, "TOPIC", None):
-            return cls._create_by_library(event_class, id=id, **kwargs)
+        event's `mutate`, the event pending) with the chain hash over every field.
+        Aggregates with explicit TOPICs hand the hashed event's arguments to the library's
+        `_create` (it checks the topic registration)."""
         if id is None:
             params = inspect.signature(cls.create_id).parameters
             id = cls.create_id(**{k: v for k, v in kwargs.items() if k in params})  # noqa: A001
@@ -263,31 +263,21 @@ class ChainedAggregate(Aggregate):
         if kwargs.get("timestamp") is None:
             kwargs["timestamp"] = event_class.create_timestamp()
         spec = _spec(event_class)
+        given = dict(kwargs) if getattr(cls, "TOPIC", None) else None
         kwargs["originator_topic"] = get_topic(cls)
         kwargs["originator_id"] = id
         kwargs["originator_version"] = cls.INITIAL_VERSION
         kwargs["chain"] = ""
         state = _event_dict(spec, event_class, kwargs)
+        state["chain"] = chain_hash(GENESIS, spec.topic, id, cls.INITIAL_VERSION, state)
+        if given is not None:
+            return super()._create(event_class, id=id, **given, chain=state["chain"])
         if not isinstance(id, UUID):  # the event's own check (DomainEvent.__post_init__)
             event_class(**state)
-        state["chain"] = chain_hash(GENESIS, spec.topic, id, cls.INITIAL_VERSION, state)
         created = _build_event(event_class, state)
         agg = created.mutate(None)
         agg._pending_events.append(created)
         return agg
-
-    @classmethod
-    def _create_by_library(cls, event_class: Any, *, id: Any = None, **kwargs: Any) -> Any:  # noqa: A002
-        if id is None:
-            params = inspect.signature(cls.create_id).parameters
-            id = cls.create_id(**{k: v for k, v in kwargs.items() if k in params})  # noqa: A001
-        if kwargs.get("timestamp") is None:
-            kwargs["timestamp"] = event_class.create_timestamp()
-        fields = _event_dict(_spec(event_class), event_class,
-                             {**kwargs, "originator_topic": get_topic(cls), "originator_id": id,
-                              "originator_version": cls.INITIAL_VERSION, "chain": ""})
-        kwargs["chain"] = chain_hash(GENESIS, get_topic(event_class), id, cls.INITIAL_VERSION, fields)
-        return super()._create(event_class, id=id, **kwargs)
 
 
 # aggregate class -> (the parameter names of its __init__, whether it names `id`)

@@ -80,20 +80,20 @@ class CommandFuture(Future):
         with _STATE_LOCK:
             cond = self._cond
             if cond is None:  # nobody waits: a later waiter builds the Condition, then sees FINISHED
-                if self._state in _SETTLED:
-                    raise InvalidStateError(f"{self._state}: {self!r}")
-                self._result = result
-                self._exception = exception
-                self._state = FINISHED
+                self._finish(result, exception)
                 return
         with cond:
             with _STATE_LOCK:
-                if self._state in _SETTLED:
-                    raise InvalidStateError(f"{self._state}: {self!r}")
-                self._result = result
-                self._exception = exception
-                self._state = FINISHED
+                self._finish(result, exception)
             cond.notify_all()
+
+    def _finish(self, result: Any, exception: BaseException | None) -> None:
+        """The state change itself (the caller holds the state lock)."""
+        if self._state in _SETTLED:
+            raise InvalidStateError(f"{self._state}: {self!r}")
+        self._result = result
+        self._exception = exception
+        self._state = FINISHED
 
     def set_result(self, result: Any) -> None:
         self._settle(result, None)
@@ -149,7 +149,7 @@ class CommandFuture(Future):
 
     def add_done_callback(self, fn: Callable[[Future], object]) -> None:
         with _STATE_LOCK:
-            if self._state not in {CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED}:
+            if self._state not in _SETTLED:
                 self._done_callbacks.append(fn)
                 return
         try:
@@ -165,14 +165,14 @@ class CommandFuture(Future):
         return self._state == RUNNING
 
     def done(self) -> bool:
-        return self._state in {CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED}
+        return self._state in _SETTLED
 
     def _outcome(self, timeout: float | None) -> tuple[Any, BaseException | None]:
         """(result, exception) once finished; CancelledError or TimeoutError otherwise."""
         if self._state != FINISHED:
             cond = self._condition
             with cond:
-                if self._state not in {CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED}:
+                if self._state not in _SETTLED:
                     cond.wait(timeout)
         state = self._state
         if state in {CANCELLED, CANCELLED_AND_NOTIFIED}:

@@ -44,11 +44,7 @@ class FastMapper(Mapper):
         encode = self._encode
         if encode is None:
             s = super().to_stored_event(domain_event)
-            if kind is StoredEvent:
-                return s
-            draft = _new_object(kind)
-            _set_attr(draft, "__dict__", {**s.__dict__, "id": None})
-            return draft
+            return s if kind is StoredEvent else notification_draft(s)
         cls = domain_event.__class__
         known = self._classes.get(cls)
         if known is None:
@@ -68,3 +64,11 @@ class FastMapper(Mapper):
             fields["id"] = None  # set once the insert has assigned it
         _set_attr(stored, "__dict__", fields)
         return stored
+
+
+def notification_draft(stored: StoredEvent) -> Notification:
+    """A StoredEvent as a Notification draft: the same fields, `id` None until the insert
+    assigns it (`unit_of_work._recordings`)."""
+    draft = _new_object(Notification)
+    _set_attr(draft, "__dict__", {**stored.__dict__, "id": None})
+    return draft

@@ -44,6 +44,7 @@ from eventsourcing.persistence import IntegrityError, Notification, Recording
 
 from store.clock import Clock
 from store.futures import CommandFuture
+from store.mapper import notification_draft
 
 log = structlog.get_logger("store.commit")
 
@@ -177,7 +178,7 @@ class GroupCommitter:
         self.refresh_on_refusal = refresh_on_refusal
         # An event as the row to insert, built as the Notification its listeners will get.
         self._draft: Callable[[Any], Notification] = getattr(app.mapper, "to_notification_draft", None) \
-            or (lambda event: _draft_of(app.mapper.to_stored_event(event)))
+            or (lambda event: notification_draft(app.mapper.to_stored_event(event)))
         self._inline_lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._thread_name = name
@@ -581,14 +582,6 @@ def _collect_events(uow: UnitOfWork) -> list[Any]:
 
 _new_object = object.__new__
 _set_attr = object.__setattr__
-
-
-def _draft_of(stored: Any) -> Notification:
-    """A mapper's StoredEvent as a Notification draft (id unset), for a mapper without
-    `to_notification_draft`."""
-    draft = _new_object(Notification)
-    _set_attr(draft, "__dict__", {**stored.__dict__, "id": None})
-    return draft
 
 
 def _recordings(events: list[Any], stored: list[Notification], ids: Any) -> list[Recording]:

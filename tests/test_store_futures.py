@@ -17,9 +17,21 @@ from hypothesis import strategies as st
 
 from store.futures import CommandFuture
 
-_OPS = st.lists(st.sampled_from(["running", "cancel", "add_callback", "set_result",
-                                 "set_exception", "done", "cancelled", "is_running", "read_result",
-                                 "read_exception"]), max_size=12)
+# op -> what it does to a future (`i`: the op's index, `calls`: where callbacks record), and
+# what is recorded of it
+_CALLS: dict[str, Any] = {
+    "running": lambda f, i, calls: f.set_running_or_notify_cancel(),
+    "cancel": lambda f, i, calls: f.cancel(),
+    "set_result": lambda f, i, calls: f.set_result(i),
+    "set_exception": lambda f, i, calls: f.set_exception(ValueError(i)),
+    "add_callback": lambda f, i, calls: f.add_done_callback(lambda _f: calls.append(i)),
+    "done": lambda f, i, calls: f.done(),
+    "cancelled": lambda f, i, calls: f.cancelled(),
+    "is_running": lambda f, i, calls: f.running(),
+    "read_result": lambda f, i, calls: f.result(timeout=0),
+    "read_exception": lambda f, i, calls: repr(f.exception(timeout=0)),
+}
+_OPS = st.lists(st.sampled_from(sorted(_CALLS)), max_size=12)
 
 
 def _play(fut: cf.Future, ops: list[str]) -> list[Any]:
@@ -27,29 +39,7 @@ def _play(fut: cf.Future, ops: list[str]) -> list[Any]:
     out: list[Any] = []
     for i, op in enumerate(ops):
         try:
-            if op == "set_result":
-                fut.set_result(i)
-                out.append(("ok",))
-            elif op == "set_exception":
-                fut.set_exception(ValueError(i))
-                out.append(("ok",))
-            elif op == "running":
-                out.append(("running", fut.set_running_or_notify_cancel()))
-            elif op == "cancel":
-                out.append(("cancel", fut.cancel()))
-            elif op == "add_callback":
-                fut.add_done_callback(lambda f, i=i: calls.append(i))
-                out.append(("cb",))
-            elif op == "done":
-                out.append(("done", fut.done()))
-            elif op == "cancelled":
-                out.append(("cancelled", fut.cancelled()))
-            elif op == "is_running":
-                out.append(("is_running", fut.running()))
-            elif op == "read_result":
-                out.append(("result", fut.result(timeout=0)))
-            else:  # read_exception
-                out.append(("exception", repr(fut.exception(timeout=0))))
+            out.append((op, _CALLS[op](fut, i, calls)))
         except BaseException as exc:  # noqa: BLE001 - the outcome is what is compared
             out.append(("raised", type(exc).__name__, str(exc.args[0]) if isinstance(exc, ValueError) else ""))
         out.append(("callbacks", list(calls)))
