@@ -14,6 +14,9 @@ from uuid import UUID
 
 from ledger import names
 from store.chain import ChainedAggregate
+from store.clock import Id
+
+_PLAIN_ID_TYPES = (UUID, Id)  # ids whose str() is the canonical UUID text
 
 HOLD_OPEN = "open"
 HOLD_POSTED = "posted"
@@ -63,10 +66,12 @@ class Account(ChainedAggregate):
         # This account's ledger account names, `names.spendable(id)` / `names.held(id)`, built
         # once per loaded aggregate instead of once per command (str(UUID) is the dear part).
         # Derived from the id alone, never from an event; None unless the id is a plain UUID
-        # (the only type whose text `ledger_names` can promise equals the caller's).
+        # or an `Id` (store.clock; the only types whose text `ledger_names` can promise
+        # equals the caller's).
         ident = self.id
-        self._spendable_name = names.spendable(ident) if type(ident) is UUID else None
-        self._held_name = names.held(ident) if type(ident) is UUID else None
+        plain = type(ident) in _PLAIN_ID_TYPES
+        self._spendable_name = names.spendable(ident) if plain else None
+        self._held_name = names.held(ident) if plain else None
 
     # ------------------------------------------------------------ events
     class Funded(ChainedAggregate.Event):
@@ -226,12 +231,12 @@ class Account(ChainedAggregate):
     def ledger_names(self, account_id: UUID | str) -> tuple[str, str]:
         """`(names.spendable(account_id), names.held(account_id))` for the id a command was
         given (the id this aggregate was loaded by), from the names built at load time when
-        `account_id` is a plain UUID equal to this aggregate's id: equal UUIDs have the same
-        128-bit value, hence the same text. Any other id is formatted as before."""
+        `account_id` is a plain UUID (or `Id`) equal to this aggregate's id: equal UUIDs have
+        the same 128-bit value, hence the same text. Any other id is formatted as before."""
         spendable = self._spendable_name
         if spendable is not None:
             ident = self.id
-            if account_id is ident or (type(account_id) is UUID and account_id == ident):
+            if account_id is ident or (type(account_id) in _PLAIN_ID_TYPES and account_id == ident):
                 return spendable, self._held_name  # type: ignore[return-value]
         return names.spendable(account_id), names.held(account_id)
 

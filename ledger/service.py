@@ -29,7 +29,7 @@ from ledger.errors import (
     UnknownAccount,
 )
 from ledger.pricing import split_fee
-from store.clock import ms_to_datetime
+from store.clock import id_from_int, ms_to_datetime
 from store.unit_of_work import GroupCommitter, NotFound, UnitOfWork
 
 MAX_AMOUNT_MICRO = 10**15  # a billion credits: far above any real transfer, far below int64
@@ -41,8 +41,9 @@ ACCOUNT_NAMESPACE = UUID("6f1d7a52-3c1e-4c55-9a55-0a7c1e0c0001")
 
 def account_id_for_email(email: str) -> UUID:
     """Accounts are keyed by their normalised email: creating one twice is refused by the
-    event store (version 1 of that id exists). See decision 0006."""
-    return uuid5(ACCOUNT_NAMESPACE, email.strip().lower())
+    event store (version 1 of that id exists). See decision 0006. An `Id` (equal to the
+    plain UUID): account ids key dicts on every command of the write path."""
+    return id_from_int(uuid5(ACCOUNT_NAMESPACE, email.strip().lower()).int)
 
 
 @dataclass(frozen=True)

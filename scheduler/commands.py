@@ -36,7 +36,7 @@ from scheduler.jobs import (
     IllegalTransition,
     Job,
 )
-from store.clock import datetime_to_ms, ms_to_datetime
+from store.clock import datetime_to_ms, id_from_text, ms_to_datetime
 from store.unit_of_work import NotFound, UnitOfWork
 
 MAX_USAGE_TOKENS = 1_000_000
@@ -79,11 +79,12 @@ _ASSIGNED_OR_RUNNING = frozenset({ASSIGNED, RUNNING})
 
 @lru_cache(maxsize=65_536)
 def _parse_uuid(text: str) -> UUID:
-    return UUID(text)
+    return id_from_text(text)
 
 
 def uuid_of(text: str) -> UUID:
-    """`UUID(text)` for the account and Island ids a Job carries as text. Memoised (a
+    """`UUID(text)` for the account and Island ids a Job carries as text, as an `Id`
+    (store.clock: its hash and text are remembered; it equals the plain UUID). Memoised (a
     bounded LRU of 65,536 texts: the live accounts and Islands) because parsing costs
     more than a lookup and the same few ids come back on every command; a UUID is an
     immutable value, so a shared one is as good as a new one. Anything that is not a

@@ -236,6 +236,15 @@ class DispatchCore:
         wrote, or a failed insert left a gap in the id sequence — and on a timer, the log
         is read from the database (commit order = position order under the recorder's
         table lock, so a reader at `log_position` never skips anything)."""
+        if (not force_db and not self._buffer and not self._catch_up_lock.locked()
+                and now_ms - self._last_db_read_ms < self.config.log_poll_ms):
+            # Nothing buffered, no other reader mid-way, no poll due: what the locked pass
+            # below would find (no commit to apply, no gap, no read). The order of the
+            # tests matters: a commit leaves the buffer only under `_catch_up_lock`, so an
+            # empty buffer seen *before* a free lock means every commit buffered so far
+            # has been applied (a caller's own commit included). A commit buffered after
+            # these reads is applied by the next call, as after the locked pass.
+            return 0
         applied = 0
         with self._catch_up_lock:  # one reader of the log at a time; `log_position` moves only here
             with self.lock:

@@ -256,8 +256,15 @@ def _add(errors: dict[str, list[str]], field: str, message: str) -> None:
 MAX_UNKNOWN_REPORTED = 10
 
 
+# The allowed-field tuples as sets: the usual input has no unknown key, found in one step.
+_ALLOWED_SETS = {fields: frozenset(fields) for fields in (CHAT_FIELDS, IMAGE_FIELDS, MESSAGE_FIELDS)}
+
+
 def _unknown_keys(errors: dict[str, list[str]], where: str, data: dict[Any, Any], allowed: tuple[str, ...]) -> None:
     """One error per unknown key (the first MAX_UNKNOWN_REPORTED), naming it and the allowed ones."""
+    allowed_set = _ALLOWED_SETS.get(allowed)
+    if allowed_set is not None and data.keys() <= allowed_set:
+        return
     unknown = [k for k in data if k not in allowed]
     for key in unknown[:MAX_UNKNOWN_REPORTED]:
         name = key if isinstance(key, str) and len(key) <= 64 and key.isprintable() else _short(str(key), 32)

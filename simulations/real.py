@@ -79,7 +79,7 @@ from simulations.demand import JobShape
 from simulations.engine import derive_seed
 from simulations.fleet import SimIsland
 from simulations.system import SimContext
-from store.clock import SeededIds, datetime_to_ms
+from store.clock import SeededIds, datetime_to_ms, id_from_text
 from store.factory import MEMORY_URL, StoreConfig, open_app
 from store.unit_of_work import GroupCommitter
 
@@ -168,7 +168,7 @@ class RealSystem:
                                 initial_grant_micro=acct.balance_micro, free_tier_grant=not acct.kyc)
         for spec, iid in zip(ctx.islands, self.island_ids, strict=True):
             self.sched.register_island(self.owner_id, spec.island_id, self._capabilities(spec), approve=True,
-                                       island_id=UUID(iid), token=f"sim-token-{spec.no}")
+                                       island_id=id_from_text(iid), token=f"sim-token-{spec.no}")
         self._step()
 
     def _configure(self, ctx: SimContext) -> None:
@@ -378,7 +378,7 @@ class RealSystem:
             self.job_hold.append(0)
             self.stats["refusals"] += 1
             return refusal.reason
-        self.job_uuid.append(UUID(view.id))
+        self.job_uuid.append(id_from_text(view.id))
         self.job_no[view.id] = job_no
         self.job_hold.append(view.hold_micro)
         self.open_jobs.add(job_no)

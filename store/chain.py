@@ -1,16 +1,32 @@
 """Tamper evidence: every event of a chained aggregate carries `chain`, a hash that links
-it to the previous event of the same aggregate (its *stream*), see decision 0040.
+it to the previous event of the same aggregate (its *stream*), see decisions 0040 and 0073.
+
+Scheme 2 (written since decision 0073; the value reads "v2:" + 64 hex digits):
+
+    chain(v) = "v2:" + blake2b-256( msgpack([TAG2, chain(v-1), topic, str(originator_id), v]) + body )
+
+where `body` is the event's stored state without its `chain` entry: the MessagePack map
+the store writes (the transcoder's encoding, keys in the event's field order, the
+`timestamp` as a MessagePack timestamp), of every attribute except `originator_id`,
+`originator_version` and `chain`. The event is encoded once: `body` is hashed, and the
+stored state is `body` with the `chain` entry appended (`with_chain`), handed to the mapper
+(`take_encoded_state`) instead of encoding the event a second time. `verify` re-encodes a
+decoded event's attributes in their stored order: MessagePack decoding and encoding again
+give back the same bytes for every value our events hold (str, int, float, bool, None,
+bytes, lists, dicts, timestamps; tuples and sets were already arrays when first written).
+
+Scheme 1 (every log written before decision 0073; a value of 64 hex digits), still verified:
 
     chain(v) = blake2b-256( msgpack([TAG, chain(v-1), topic, str(originator_id), v, fields]) )
 
-with `chain(0) = ""`, `topic` the event class's topic, and `fields` every attribute of the
-event except `originator_id`, `originator_version` (both hashed on their own) and `chain`
-itself, encoded canonically (`canonical_fields`): MessagePack via msgspec with map keys
-sorted at every depth; an aware `datetime` at the top level (the event `timestamp`) as its
-UTC ISO-8601 string; UUIDs as strings and tuples as arrays (msgspec's own encoding, which
-is also what a stored event decodes to); sets as sorted arrays. The encoding of a field
-value is the same before it is saved and after it is decoded from the log, so `verify`
-recomputes every hash from the decoded events alone.
+with `chain(0) = ""` in both, `topic` the event class's topic, and `fields` every attribute
+of the event except `originator_id`, `originator_version` (both hashed on their own) and
+`chain` itself, encoded canonically (`canonical_fields`): MessagePack via msgspec with map
+keys sorted at every depth; an aware `datetime` at the top level (the event `timestamp`) as
+its UTC ISO-8601 string; UUIDs as strings and tuples as arrays; sets as sorted arrays.
+
+Each event names its scheme by the form of its `chain` value, so a stream may hold scheme-1
+events followed by scheme-2 ones (a log written before the upgrade and continued after it).
 
 The hash is computed by the aggregate before the event is constructed (`ChainedAggregate`
 overrides `trigger_event` and `_create`), from the aggregate's in-memory `chain_head`: no
@@ -18,7 +34,8 @@ read and no shared state on the write path. The chain is per stream, so concurre
 of different aggregates never serialise on it (one global chain would make every insert
 depend on the previous insert's hash, i.e. a single writer).
 
-Infrastructure only: imports the event-sourcing library, nothing of ours.
+Infrastructure only: imports the event-sourcing library and, of ours, store.clock and
+store.transcoder.
 """
 
 from __future__ import annotations
@@ -37,8 +54,13 @@ import msgspec
 from eventsourcing.domain import Aggregate, OriginatorIDError, OriginatorVersionError
 from eventsourcing.utils import get_topic, resolve_topic
 
+from store.clock import Id
+from store.transcoder import state_encoder
+
 GENESIS = ""  # the "previous hash" of a stream's first event
-CHAIN_TAG = "archipelag-chain-v1"  # domain separation; change it if the scheme ever changes
+CHAIN_TAG = "archipelag-chain-v1"  # scheme 1's domain separation
+CHAIN_TAG_V2 = "archipelag-chain-v2"  # scheme 2's
+V2_MARK = "v2:"  # how a scheme-2 value starts (a scheme-1 value is 64 hex digits)
 EXCLUDED = frozenset({"originator_id", "originator_version", "chain"})
 
 
@@ -54,9 +76,9 @@ _ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook, order="sorted")
 # Values of these exact types are hashed as they are: no top-level conversion applies to
 # them (an aware datetime is the only value `canonical_fields` converts). Exact types, so
 # that a subclass (of datetime, or anything else) takes the general path.
-_PASS_THROUGH_TYPES = frozenset({str, int, float, bool, type(None), bytes, list, tuple, dict, set, frozenset, UUID})
+_PASS_THROUGH_TYPES = frozenset({str, int, float, bool, type(None), bytes, list, tuple, dict, set, frozenset, UUID, Id})
 # Originator ids msgspec encodes exactly as `str(originator_id)` (canonical UUID text).
-_NATIVE_ID_TYPES = frozenset({UUID, str})
+_NATIVE_ID_TYPES = frozenset({UUID, Id, str})
 # The last timestamp converted and its text: the events of one command share their time.
 # A tuple swapped as a whole, so readers in other threads always see a matching pair.
 _last_iso: tuple[datetime, str] = (datetime(1970, 1, 1, tzinfo=timezone.utc), "1970-01-01T00:00:00+00:00")
@@ -113,6 +135,82 @@ def chain_hash(prev_hex: str, topic: str, originator_id: Any, version: int, fiel
     return blake2b(payload, digest_size=32).hexdigest()
 
 
+# ------------------------------------------------------------------ scheme 2
+# The store's own encoding of event state (store.transcoder): `body` must be exactly the
+# bytes the mapper would write for the same attributes.
+_STATE_ENCODER = state_encoder()
+_CHAIN_KEY = _STATE_ENCODER.encode("chain")
+_V2_LEN = len(V2_MARK) + 64
+# the "chain" key and the header of a scheme-2 value (a str8 of _V2_LEN ASCII bytes)
+_CHAIN_ENTRY_V2 = _CHAIN_KEY + _STATE_ENCODER.encode("x" * _V2_LEN)[:-_V2_LEN]
+_FIXMAP, _MAP16, _MAP32 = 0x80, 0xDE, 0xDF
+
+
+def chain_hash_v2(prev_hex: str, topic: str, originator_id: Any, version: int, body: bytes) -> str:
+    """Scheme 2's hash of one event, given its stream's previous hash and its `body`."""
+    oid = originator_id if type(originator_id) in _NATIVE_ID_TYPES else str(originator_id)
+    h = blake2b(_STATE_ENCODER.encode([CHAIN_TAG_V2, prev_hex, topic, oid, version]), digest_size=32)
+    h.update(body)
+    return V2_MARK + h.hexdigest()
+
+
+def state_body(fields: Mapping[str, Any]) -> bytes:
+    """`body` of an event with these attributes (in their order): every attribute but the
+    originator id, version and chain, encoded as the store encodes state."""
+    return _STATE_ENCODER.encode({k: v for k, v in fields.items() if k not in EXCLUDED})
+
+
+def with_chain(body: bytes, chain: str) -> bytes:
+    """`body` (a MessagePack map) with a last entry `"chain": chain`: the same bytes as
+    encoding the map with that entry added, without encoding the rest again."""
+    head = body[0]
+    if _FIXMAP <= head <= _FIXMAP + 15:
+        n, skip = head - _FIXMAP, 1
+    elif head == _MAP16:
+        n, skip = int.from_bytes(body[1:3], "big"), 3
+    else:
+        assert head == _MAP32, f"not a MessagePack map: {head:#x}"
+        n, skip = int.from_bytes(body[1:5], "big"), 5
+    n += 1
+    if n <= 15:
+        header = bytes((_FIXMAP + n,))
+    elif n <= 0xFFFF:
+        header = b"\xde" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdf" + n.to_bytes(4, "big")
+    if len(chain) == _V2_LEN and chain.isascii():  # every scheme-2 value: its str8 header is fixed
+        tail = _CHAIN_ENTRY_V2 + chain.encode()
+    else:
+        tail = _CHAIN_KEY + _STATE_ENCODER.encode(chain)
+    return b"".join((header, memoryview(body)[skip:], tail))
+
+
+# Encoded states of events built by `trigger_event` / `_create`, waiting for the mapper:
+# id(event) -> (event, stored state). The event is held, so its id cannot be reused while
+# it waits. Entries of events that are never stored (a command that raised after changing
+# state) are dropped with the rest when the table outgrows its bound; a missing entry only
+# costs the mapper one encoding.
+_ENCODED: dict[int, tuple[Any, bytes]] = {}
+MAX_ENCODED_WAITING = 65_536
+
+
+def _keep_encoded(event: Any, state: bytes) -> None:
+    if len(_ENCODED) >= MAX_ENCODED_WAITING:
+        _ENCODED.clear()
+    _ENCODED[id(event)] = (event, state)
+
+
+def take_encoded_state(event: Any) -> bytes | None:
+    """The stored state `trigger_event` / `_create` encoded for this event (once: the
+    entry is removed), or None (another path built it, or it was already taken)."""
+    entry = _ENCODED.pop(id(event), None)
+    if entry is None:
+        return None
+    if entry[0] is not event:  # cannot happen while the entry holds the event; cheap to check
+        return None
+    return entry[1]
+
+
 # ------------------------------------------------------------------ event construction
 _REQUIRED = object()  # a field without a default
 _new_object = object.__new__
@@ -121,17 +219,24 @@ _set_attr = object.__setattr__
 
 class _EventSpec:
     """What building an event of one class needs, read once from its dataclass fields:
-    `template`, every field in declaration order mapped to its default (`_REQUIRED` if
-    none), and the topic."""
+    `body_template`, every field but the originator id, version and chain (the `body` of
+    scheme 2) in declaration order mapped to its default (`_REQUIRED` if none), the names
+    of the required ones, the topic, and whether the mapper may take the encoded state
+    (`keep_encoded`: the library's mapper adds `class_version` to the state above 1)."""
 
-    __slots__ = ("template", "topic")
+    __slots__ = ("body_template", "keep_encoded", "required", "topic")
 
     def __init__(self, cls: type) -> None:
         fields = dataclasses.fields(cls)
         assert all(f.default_factory is dataclasses.MISSING for f in fields), f"{cls}: default_factory unsupported"
         assert all(f.init for f in fields), f"{cls}: init=False fields unsupported"
-        self.template = {f.name: _REQUIRED if f.default is dataclasses.MISSING else f.default for f in fields}
+        names = {f.name for f in fields}
+        assert EXCLUDED <= names, f"{cls}: not a chained event"
+        self.body_template = {f.name: _REQUIRED if f.default is dataclasses.MISSING else f.default
+                              for f in fields if f.name not in EXCLUDED}
+        self.required = frozenset(name for name, default in self.body_template.items() if default is _REQUIRED)
         self.topic = get_topic(cls)
+        self.keep_encoded = getattr(cls, "class_version", 1) == 1
 
 
 _SPECS: dict[type, _EventSpec] = {}
@@ -144,14 +249,18 @@ def _spec(cls: type) -> _EventSpec:
     return spec
 
 
-def _event_dict(spec: _EventSpec, cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """The event's `__dict__` as the dataclass `__init__` would fill it: every field in
-    declaration order (the template's; updating a key keeps its place), defaults for
-    those not given; a TypeError for an unknown or a missing field."""
-    out = spec.template.copy()
+def _body_dict(spec: _EventSpec, cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The event's attributes but the originator id, version and chain, as the dataclass
+    `__init__` would fill them: every field in declaration order (the template's; updating
+    a key keeps its place), defaults for those not given; a TypeError for an unknown or a
+    missing field. Missing fields are found by name (`values.keys() >= spec.required`),
+    not by comparing every value with the marker: `==` against a UUID value runs
+    `UUID.__eq__` in Python."""
+    template = spec.body_template
+    out = template.copy()
     out.update(values)
-    if len(out) != len(spec.template) or _REQUIRED in out.values():
-        unknown = sorted(set(values) - set(spec.template))
+    if len(out) != len(template) or not values.keys() >= spec.required:
+        unknown = sorted(set(values) - set(template))
         missing = [name for name, value in out.items() if value is _REQUIRED]
         msg = f"Can't construct event {cls}: unexpected keyword argument(s) {unknown}, missing required argument(s) {missing}"
         raise TypeError(msg)
@@ -220,38 +329,37 @@ class ChainedAggregate(Aggregate):
 
     def trigger_event(self, event_class: Any, **kwargs: Any) -> None:
         """The library's `BaseAggregate.trigger_event` plus the chain hash, in one frame.
-        The event's attributes are put together once (`_event_dict`: declaration order,
-        defaults filled), hashed, and become the event's `__dict__`. The hash covers
-        every field, defaults included: what `verify_chains` recomputes from the stored
-        event. Aggregates with explicit TOPICs take the library's path (it checks the
-        topic registration)."""
+        The event's attributes are put together once (`_body_dict`: declaration order,
+        defaults filled) and encoded once: the hash covers those bytes (scheme 2), the
+        mapper stores them with the chain entry added (`take_encoded_state`), and the
+        attributes, with the originator id and version first and the chain last, become
+        the event's `__dict__`. Aggregates with explicit TOPICs take the library's path
+        (it checks the topic registration) with the same hash."""
         if kwargs.get("timestamp") is None:
             kwargs["timestamp"] = event_class.create_timestamp()
         version = self._version + 1
-        if getattr(type(self), "TOPIC", None):
-            fields = _event_dict(_spec(event_class), event_class,
-                                 {**kwargs, "originator_id": self._id, "originator_version": version, "chain": ""})
-            kwargs["chain"] = chain_hash(self.chain_head, get_topic(event_class), self._id, version, fields)
-            super().trigger_event(event_class, **kwargs)
-            return
         spec = _SPECS.get(event_class)
         if spec is None:
             spec = _spec(event_class)
         originator_id = self._id
-        kwargs["originator_id"] = originator_id
-        kwargs["originator_version"] = version
-        kwargs["chain"] = ""  # its place in the field order; the hash leaves it out
-        state = _event_dict(spec, event_class, kwargs)
-        state["chain"] = chain_hash(self.chain_head, spec.topic, originator_id, version, state)
+        body_state = _body_dict(spec, event_class, kwargs)
+        body = _STATE_ENCODER.encode(body_state)
+        chain = chain_hash_v2(self.chain_head, spec.topic, originator_id, version, body)
+        if _explicit_topic(type(self)):
+            super().trigger_event(event_class, **kwargs, chain=chain)
+            return
+        state = {"originator_id": originator_id, "originator_version": version, **body_state, "chain": chain}
         new_event = _build_event(event_class, state)
         new_event.mutate(self)
         self._pending_events.append(new_event)
+        if spec.keep_encoded:
+            _keep_encoded(new_event, with_chain(body, chain))
 
     @classmethod
     def _create(cls, event_class: Any, *, id: Any = None, **kwargs: Any) -> Any:  # noqa: A002
         """The library's `BaseAggregate._create` (id from `create_id` when not given and
         checked, the created event with the aggregate's topic, the aggregate built by the
-        event's `mutate`, the event pending) with the chain hash over every field.
+        event's `mutate`, the event pending) with the chain hash as in `trigger_event`.
         Aggregates with explicit TOPICs hand the hashed event's arguments to the library's
         `_create` (it checks the topic registration)."""
         if id is None:
@@ -263,21 +371,34 @@ class ChainedAggregate(Aggregate):
         if kwargs.get("timestamp") is None:
             kwargs["timestamp"] = event_class.create_timestamp()
         spec = _spec(event_class)
-        given = dict(kwargs) if getattr(cls, "TOPIC", None) else None
+        given = dict(kwargs) if _explicit_topic(cls) else None
         kwargs["originator_topic"] = get_topic(cls)
-        kwargs["originator_id"] = id
-        kwargs["originator_version"] = cls.INITIAL_VERSION
-        kwargs["chain"] = ""
-        state = _event_dict(spec, event_class, kwargs)
-        state["chain"] = chain_hash(GENESIS, spec.topic, id, cls.INITIAL_VERSION, state)
+        body_state = _body_dict(spec, event_class, kwargs)
+        body = _STATE_ENCODER.encode(body_state)
+        chain = chain_hash_v2(GENESIS, spec.topic, id, cls.INITIAL_VERSION, body)
         if given is not None:
-            return super()._create(event_class, id=id, **given, chain=state["chain"])
+            return super()._create(event_class, id=id, **given, chain=chain)
+        state = {"originator_id": id, "originator_version": cls.INITIAL_VERSION, **body_state, "chain": chain}
         if not isinstance(id, UUID):  # the event's own check (DomainEvent.__post_init__)
             event_class(**state)
         created = _build_event(event_class, state)
         agg = created.mutate(None)
         agg._pending_events.append(created)
+        if spec.keep_encoded:
+            _keep_encoded(created, with_chain(body, chain))
         return agg
+
+
+# aggregate class -> whether it names an explicit TOPIC (a getattr that misses raises and
+# swallows an AttributeError: dear on every event)
+_EXPLICIT_TOPICS: dict[type, bool] = {}
+
+
+def _explicit_topic(cls: type) -> bool:
+    explicit = _EXPLICIT_TOPICS.get(cls)
+    if explicit is None:
+        explicit = _EXPLICIT_TOPICS[cls] = bool(getattr(cls, "TOPIC", None))
+    return explicit
 
 
 # aggregate class -> (the parameter names of its __init__, whether it names `id`)
@@ -294,9 +415,13 @@ def is_chained(event: Any) -> bool:
 
 
 def event_chain_hash(prev_hex: str, event: Any) -> str:
-    """Recompute an event's chain hash from its (decoded) attributes."""
-    return chain_hash(prev_hex, get_topic(type(event)), event.originator_id, event.originator_version,
-                      event.__dict__)
+    """Recompute an event's chain hash from its (decoded) attributes, by the scheme its
+    stored `chain` value names (scheme 1 when it has none)."""
+    state = event.__dict__
+    topic = get_topic(type(event))
+    if str(state.get("chain", "")).startswith(V2_MARK):
+        return chain_hash_v2(prev_hex, topic, event.originator_id, event.originator_version, state_body(state))
+    return chain_hash(prev_hex, topic, event.originator_id, event.originator_version, state)
 
 
 # ------------------------------------------------------------------ verification

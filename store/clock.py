@@ -101,15 +101,25 @@ class Id(uuid.UUID):
         return (id_from_int, (self.int,))
 
 
+_SAFE_UNKNOWN = uuid.SafeUUID.unknown  # read once: an enum member lookup goes through a descriptor
+
+
 def id_from_int(value: int) -> Id:
     """An `Id` with exactly this 128-bit value (no version bits changed)."""
     assert 0 <= value < 1 << 128, "128-bit value"
     obj = object.__new__(Id)
     _set(obj, "int", value)
-    _set(obj, "is_safe", uuid.SafeUUID.unknown)
+    _set(obj, "is_safe", _SAFE_UNKNOWN)
     _set(obj, "_hash", hash(value))
     _set(obj, "_text", None)
     return obj
+
+
+def id_from_text(text: str) -> Id:
+    """`uuid.UUID(text)` as an `Id` (same value, same errors for bad text): for ids that
+    arrive as text (a URL, a Job's account or Island field) and then key dicts on the
+    write path, where a plain UUID pays a Python-level `__hash__` per lookup."""
+    return id_from_int(uuid.UUID(text).int)
 
 
 def version4_id(bits: int) -> Id:

@@ -5,6 +5,8 @@ pops the id and version, adds `class_version` when above 1, encodes, then compre
 encrypts when configured. With our msgspec transcoder and neither compressor nor cipher
 (our configuration), this does the same steps without the generic branches and the
 transcoder's Python wrapper: the bytes are identical, so logs stay readable both ways.
+A chained event built by `ChainedAggregate` was encoded once already, for its hash
+(store.chain, scheme 2): those bytes are the state, taken instead of encoding again.
 Anything else (another transcoder, a compressor or a cipher) takes the library's path.
 
 Infrastructure only: imports the event-sourcing library, nothing of ours but store.
@@ -17,6 +19,7 @@ from typing import Any
 from eventsourcing.persistence import Compressor, Mapper, Notification, StoredEvent, Transcoder
 from eventsourcing.utils import get_topic
 
+from store.chain import take_encoded_state
 from store.transcoder import MsgspecTranscoder
 
 _new_object = object.__new__
@@ -43,6 +46,7 @@ class FastMapper(Mapper):
     def _stored(self, domain_event: Any, kind: type) -> Any:
         encode = self._encode
         if encode is None:
+            take_encoded_state(domain_event)  # not ours to use (another transcoder, a compressor or cipher)
             s = super().to_stored_event(domain_event)
             return s if kind is StoredEvent else notification_draft(s)
         cls = domain_event.__class__
@@ -50,16 +54,18 @@ class FastMapper(Mapper):
         if known is None:
             known = self._classes[cls] = (get_topic(cls), getattr(cls, "class_version", 1))
         topic, class_version = known
-        state = dict(vars(domain_event))  # the library's copy, in the same key order
-        originator_id = state.pop("originator_id")
-        originator_version = state.pop("originator_version")
-        if class_version > 1:
-            state["class_version"] = class_version
+        encoded = take_encoded_state(domain_event)  # a chained event encoded as it was hashed
+        if encoded is None:
+            state = dict(vars(domain_event))  # the library's copy, in the same key order
+            del state["originator_id"], state["originator_version"]
+            if class_version > 1:
+                state["class_version"] = class_version
+            encoded = encode(state)
         # StoredEvent is a frozen dataclass whose __init__ sets each field with
         # object.__setattr__; filling __dict__ at once builds the same (equal) object.
         stored = _new_object(kind)
-        fields = {"originator_id": originator_id, "originator_version": originator_version,
-                  "topic": topic, "state": encode(state)}
+        fields = {"originator_id": domain_event.originator_id, "originator_version": domain_event.originator_version,
+                  "topic": topic, "state": encoded}
         if kind is not StoredEvent:
             fields["id"] = None  # set once the insert has assigned it
         _set_attr(stored, "__dict__", fields)

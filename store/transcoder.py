@@ -32,11 +32,17 @@ def _ext_hook(code: int, data: memoryview) -> Any:
     raise ValueError(f"unknown msgpack extension {code}")
 
 
+def state_encoder() -> msgspec.msgpack.Encoder:
+    """The encoder of event state: the transcoder's, and the chain's scheme-2 `body`
+    (store.chain), which must be the same bytes."""
+    return msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+
 class MsgspecTranscoder(Transcoder):
     """Transcoder using msgspec MessagePack; UUIDs travel as extension type 1."""
 
     def __init__(self) -> None:
-        self._encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+        self._encoder = state_encoder()
         self.encoder = self._encoder  # used directly by store.mapper.FastMapper (no wrapper call)
         self._decoder = msgspec.msgpack.Decoder(ext_hook=_ext_hook)
 

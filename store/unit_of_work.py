@@ -110,7 +110,7 @@ class UnitOfWork:
         if agg is None:
             agg = self._committer._load(aggregate_id, fresh=fresh)
             self._staged[aggregate_id] = agg
-        self._touched_versions.setdefault(aggregate_id, agg.version)
+        self._touched_versions.setdefault(aggregate_id, agg._version)  # the `version` property's value
         return agg
 
     def get_or_none(self, aggregate_id: UUID, fresh: bool = False) -> Any:

@@ -137,7 +137,15 @@ class _Counter(ChainedAggregate):
             aggregate.n += self.by
 
 
-def test_aggregate_events_carry_the_original_hashes() -> None:
+def _definition_v2(prev: str, topic: str, oid: Any, version: int, fields: dict[str, Any]) -> str:
+    """Scheme 2 as decision 0073 words it, written out with msgspec and hashlib alone."""
+    body = msgspec.msgpack.encode({k: v for k, v in fields.items()
+                                   if k not in ("originator_id", "originator_version", "chain")})
+    head = msgspec.msgpack.encode(["archipelag-chain-v2", prev, topic, str(oid), version])
+    return "v2:" + hashlib.blake2b(head + body, digest_size=32).hexdigest()
+
+
+def test_aggregate_events_carry_scheme_2_hashes() -> None:
     agg = _Counter._create(_Counter.Created, id=uuid.UUID(int=42), n=1, timestamp=ms_to_datetime(1_700_000_000_000))
     assert isinstance(agg, _Counter)
     for i in range(20):
@@ -148,8 +156,8 @@ def test_aggregate_events_carry_the_original_hashes() -> None:
     heads: dict[Any, str] = {}
     for event in events:
         prev = heads.get(event.originator_id, "")
-        expected = _old_chain_hash(prev, chain.get_topic(type(event)), event.originator_id,
-                                   event.originator_version, event.__dict__)
+        expected = _definition_v2(prev, chain.get_topic(type(event)), event.originator_id,
+                                  event.originator_version, event.__dict__)
         assert event.chain == expected
         assert event_chain_hash(prev, event) == expected
         heads[event.originator_id] = event.chain
@@ -165,3 +173,69 @@ def test_a_changed_field_changes_the_hash(tz: timezone) -> None:
     assert h != chain_hash("", "t:T", uuid.UUID(int=7), 1, {**fields, "amount": 6})
     assert h != chain_hash("", "t:T", uuid.UUID(int=7), 1, {**fields, "timestamp": fields["timestamp"]
                                                              + timedelta(microseconds=1)})
+
+
+# ------------------------------------------------------------------ scheme 2's one encoding
+@pytest.mark.parametrize("n", [0, 1, 14, 15, 16, 17, 65_534, 65_535, 65_536])
+def test_with_chain_is_the_encoding_of_the_map_with_the_chain_last(n: int) -> None:
+    """Every MessagePack map header size, and each step from one to the next."""
+    from store.chain import with_chain
+    from store.transcoder import state_encoder
+
+    enc = state_encoder()
+    fields = {f"f{i}": i for i in range(n)}
+    h = "v2:" + "ab" * 32
+    assert with_chain(enc.encode(fields), h) == enc.encode({**fields, "chain": h})
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=20) | st.datetimes(timezones=st.just(timezone.utc)) | st.uuids(),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner) | st.frozensets(st.integers(-(2**63), 2**63), max_size=4)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=500, deadline=None)
+@given(fields=st.dictionaries(st.text(max_size=10), _values, max_size=8))
+def test_decoding_and_encoding_again_gives_the_stored_bytes(fields: dict[str, Any]) -> None:
+    """What `verify` relies on for scheme 2: the body recomputed from a decoded event is
+    the body that was hashed, for every kind of value an event can hold."""
+    from store.transcoder import MsgspecTranscoder
+
+    t = MsgspecTranscoder()
+    stored = t.encode(fields)
+    assert t.encode(t.decode(stored)) == stored
+
+
+def test_the_mapper_takes_each_encoded_state_once_and_stores_those_bytes() -> None:
+    from store.mapper import FastMapper
+    from store.transcoder import MsgspecTranscoder
+
+    mapper = FastMapper(MsgspecTranscoder())
+    agg = _Counter._create(_Counter.Created, id=uuid.UUID(int=43), n=1, timestamp=ms_to_datetime(1_700_000_000_000))
+    agg.trigger_event(_Counter.Bumped, by=2, note="n", tags=[1, {"k": frozenset({3, 1})}])
+    events = agg.collect_events()
+    waiting = [chain._ENCODED.get(id(e)) for e in events]
+    assert all(w is not None and w[0] is e for w, e in zip(waiting, events, strict=True))
+    stored = [mapper.to_stored_event(e) for e in events]
+    assert all(chain.take_encoded_state(e) is None for e in events)  # taken, once
+    again = [mapper.to_stored_event(e) for e in events]  # encoded the long way now
+    assert [s.state for s in stored] == [s.state for s in again]
+    decoded = [mapper.to_domain_event(s) for s in stored]
+    assert [d.chain for d in decoded] == [e.chain for e in events]
+    assert decoded[1].tags == [1, {"k": list(frozenset({3, 1}))}]  # a set is stored as an array
+    assert verify_chains(enumerate(decoded, start=1)).ok
+
+
+def test_encoded_states_never_stored_are_bounded() -> None:
+    before = chain.MAX_ENCODED_WAITING
+    try:
+        chain.MAX_ENCODED_WAITING = 8
+        agg = _Counter._create(_Counter.Created, id=uuid.UUID(int=44), n=1)
+        for i in range(30):  # never collected nor mapped, like the events of a command that failed
+            agg.trigger_event(_Counter.Bumped, by=i, note="", tags=[])
+        assert len(chain._ENCODED) <= 8
+    finally:
+        chain.MAX_ENCODED_WAITING = before
+        chain._ENCODED.clear()

@@ -22,7 +22,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.islands import Island
 from scheduler.jobs import Job
 from scheduler.service import Scheduler
-from store.chain import GENESIS, chain_hash, verify_chains
+from store.chain import GENESIS, V2_MARK, chain_hash, chain_hash_v2, state_body, verify_chains
 from store.clock import ManualClock, SeededIds
 from store.factory import MEMORY_URL, StoreConfig, iter_log, open_app, parse_postgres_url
 from store.transcoder import MsgspecTranscoder
@@ -182,15 +182,19 @@ def test_an_edit_invisible_to_the_books_is_caught(store_config, verify):
     assert f"chain break at position {target}: stream {w['job']} version " in err
 
 
-def test_a_recomputed_hash_is_caught_by_the_next_link(store_config, verify):
+@pytest.mark.parametrize("scheme", [1, 2])
+def test_a_recomputed_hash_is_caught_by_the_next_link(store_config, verify, scheme):
     """The attacker edits the Job's submission and recomputes that event's own hash (no
-    secret is needed for that): the event checks out alone, the next one no longer links."""
+    secret is needed for that), by either scheme: the event checks out alone, the next one
+    no longer links."""
     w = workload(store_config)
     target = position_of(w["log"], "Job.Submitted", w["job"])
 
     def forge(state: dict, row: dict) -> None:
+        assert state["chain"].startswith(V2_MARK)  # written by the current scheme
         state["hold_micro"] = 1
-        state["chain"] = chain_hash(GENESIS, row["topic"], row["originator_id"], row["originator_version"], state)
+        args = (GENESIS, row["topic"], row["originator_id"], row["originator_version"])
+        state["chain"] = chain_hash(*args, state) if scheme == 1 else chain_hash_v2(*args, state_body(state))
 
     edit_stored(store_config, target, forge)
     code, summary, err = verify()
@@ -274,6 +278,63 @@ def test_a_log_written_before_chaining_still_verifies_and_chains_from_there(stor
     code, summary, _ = verify()
     assert code == 1 and summary["first_chain_break"]["position"] == completed
     assert "without a chain hash" in summary["first_chain_break"]["reason"]
+
+
+def rewrite_as_scheme_1(config: StoreConfig, log: list) -> None:
+    """Make the stored log what a coordinator before decision 0073 wrote: every chain value
+    recomputed by scheme 1, stream by stream, in log order."""
+    heads: dict[str, str] = {}
+
+    def rehash(state: dict, row: dict) -> None:
+        stream = str(row["originator_id"])
+        state["chain"] = chain_hash(heads.get(stream, GENESIS), row["topic"], row["originator_id"],
+                                    row["originator_version"], state)
+        heads[stream] = state["chain"]
+
+    for position, *_ in log:
+        edit_stored(config, position, rehash)
+
+
+def test_a_scheme_1_log_verifies_and_continues_with_scheme_2(store_config, verify):
+    """Upcast, not a flag day: a log whose chains were all written by scheme 1 verifies;
+    its streams go on with scheme-2 events linked to their scheme-1 heads; an edit of an
+    old event is still a break."""
+    w = workload(store_config)
+    rewrite_as_scheme_1(store_config, w["log"])
+    assert not stored_chain(store_config, position_of(w["log"], "Job.Completed", w["job"])).startswith(V2_MARK)
+    code, summary, err = verify()
+    assert code == 0, err
+    assert summary["chained_events"] == len(w["log"]) and summary["unchained_events"] == 0
+
+    app = open_app(store_config)  # a fresh process: the account is replayed from the scheme-1 log
+    committer = GroupCommitter(app, ManualClock(2_000_000_000_000), inline=True)
+    Ledger(committer, LedgerConfig()).fund(uuid.UUID(w["consumer"]), 1_000, code="purchase", reference="r",
+                                           reason="after the upgrade", idem_key="k-after")
+    new = app.recorder.max_notification_id()
+    committer.close()
+    app.close()
+    assert stored_chain(store_config, new).startswith(V2_MARK)
+    code, summary, err = verify()
+    assert code == 0, err
+    assert summary["chained_events"] == len(w["log"]) + 1
+
+    # The scheme-2 event's hash names its scheme-1 predecessor: editing that one breaks
+    # the old event itself, and only it (the stream goes on from the stored hash).
+    target = position_of(w["log"], "Account.HoldPosted", w["consumer"])
+    edit_stored(store_config, target, lambda state, row: state.update(posted_micro=state["posted_micro"] + 1))
+    code, summary, _ = verify()
+    assert code == 1 and summary["first_chain_break"]["position"] == target
+    assert summary["chain_breaks"] == 1
+
+
+def test_a_scheme_2_value_is_checked_by_scheme_2_only(store_config, verify):
+    """Relabelling a scheme-1 hash as scheme 2 (or the reverse) is a break: each value is
+    checked by the scheme its form names, never by whichever happens to match."""
+    w = workload(store_config)
+    target = position_of(w["log"], "Job.Completed", w["job"])
+    edit_stored(store_config, target, lambda state, row: state.update(chain=state["chain"][len(V2_MARK):]))
+    code, summary, _ = verify()
+    assert code == 1 and summary["first_chain_break"]["position"] == target
 
 
 # ------------------------------------------------------------------ the hash itself
