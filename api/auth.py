@@ -29,7 +29,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import ApiError, unauthorized
 from api.keys import KEY_PREFIX, MAX_KEY_CHARS, USED_EVENT_EVERY_MS, KeyRecord, KeyStore, hash_key
 from api.ratelimit import RateLimiter
-from store.clock import Clock
+from store.clock import Clock, id_from_text
 
 OPEN_PATHS = ("/api/v1/health", "/api/v1/schema", "/schema",
               # the Compute Exchange's public reads (api/market.py): rates, history, order book
@@ -169,7 +169,7 @@ def _session_record(scope: Scope) -> KeyRecord | None:
     if scope["method"] not in READ_METHODS and not scope.get("web_csrf_checked"):
         return None
     try:
-        account_id = UUID(str(session[SESSION_ACCOUNT]))
+        account_id = id_from_text(str(session[SESSION_ACCOUNT]))
     except ValueError:
         return None
     scopes = frozenset(s for s in session.get(SESSION_SCOPES) or () if s in ("read", "write"))

@@ -59,7 +59,7 @@ from ledger.service import balance_of
 from scheduler import commands as cmd
 from scheduler.jobs import TERMINAL, Job
 from scheduler.service import JobView, job_view
-from store.clock import datetime_to_ms, ms_to_datetime
+from store.clock import datetime_to_ms, id_from_text, ms_to_datetime
 from store.unit_of_work import UnitOfWork
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def ok(obj: Any, status: int = 200) -> Response:
 
 def parse_uuid(text: str, what: str = "job") -> UUID:
     try:
-        return UUID(text)
+        return id_from_text(text)  # an Id: it keys the write path's dicts (store.clock)
     except (ValueError, TypeError):
         raise not_found(what) from None
 

@@ -27,7 +27,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
-from store.clock import ms_to_datetime
+from store.clock import id_from_text, ms_to_datetime
 from store.unit_of_work import GroupCommitter, UnitOfWork
 
 KEY_NAMESPACE = uuid.UUID("6f1d7a52-3c1e-4c55-9a55-0a7c1e0c0010")
@@ -150,7 +150,7 @@ class KeyInfo:
 
 
 def _record(key: ApiKey) -> KeyRecord:
-    return KeyRecord(str(key.id), UUID(key.account_id), frozenset(key.scopes), key.expires_at_ms,
+    return KeyRecord(str(key.id), id_from_text(key.account_id), frozenset(key.scopes), key.expires_at_ms,
                      key.revoked_at is not None, key.last_used_ms)
 
 

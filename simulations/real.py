@@ -79,7 +79,7 @@ from simulations.demand import JobShape
 from simulations.engine import derive_seed
 from simulations.fleet import SimIsland
 from simulations.system import SimContext
-from store.clock import SeededIds, datetime_to_ms, id_from_text
+from store.clock import SeededIds, datetime_to_ms, id_from_int, id_from_text
 from store.factory import MEMORY_URL, StoreConfig, open_app
 from store.unit_of_work import GroupCommitter
 
@@ -132,7 +132,8 @@ class RealSystem:
         self._build()
 
         # ids and lookups
-        self.account_ids = [uuid.uuid5(SIM_NAMESPACE, f"account/{a.account_id}") for a in ctx.accounts]
+        self.account_ids = [id_from_int(uuid.uuid5(SIM_NAMESPACE, f"account/{a.account_id}").int)
+                            for a in ctx.accounts]
         self.owner_id = uuid.uuid5(SIM_NAMESPACE, "account/platform-islands")
         self.island_ids = [str(uuid.uuid5(SIM_NAMESPACE, f"island/{i.island_id}")) for i in ctx.islands]
         self.island_no = {iid: no for no, iid in enumerate(self.island_ids)}

@@ -118,7 +118,13 @@ def id_from_int(value: int) -> Id:
 def id_from_text(text: str) -> Id:
     """`uuid.UUID(text)` as an `Id` (same value, same errors for bad text): for ids that
     arrive as text (a URL, a Job's account or Island field) and then key dicts on the
-    write path, where a plain UUID pays a Python-level `__hash__` per lookup."""
+    write path, where a plain UUID pays a Python-level `__hash__` per lookup. The usual
+    text, canonical (8-4-4-4-12 ASCII hex digits), is read in one step; anything else
+    goes to `uuid.UUID`, which also takes braces, a `urn:uuid:` prefix or no hyphens."""
+    if (len(text) == 36 and text[8] == "-" and text[13] == "-" and text[18] == "-" and text[23] == "-"):
+        digits = text.replace("-", "")
+        if len(digits) == 32 and digits.isascii() and digits.isalnum():  # no sign, space or "_" for int()
+            return id_from_int(int(digits, 16))  # ValueError for a non-hex letter, as UUID() raises
     return id_from_int(uuid.UUID(text).int)
 
 
