@@ -385,6 +385,20 @@ class CandidateIndex:
         else:
             self._relink(old, new)
 
+    def set_slots_and_karma(self, island_id: str, slots_free: int, karma_milli: int) -> None:
+        """`set_slots_free` and `set_karma` as one change: an Island that becomes available
+        with a new karma (a completion frees its slot and moves its karma) is linked once
+        with its new score, instead of linked and then moved. The same index as the two
+        calls in either order. Raises KeyError for an unknown Island, ValueError outside
+        0..slots_total."""
+        old = self._islands[island_id]
+        if old.karma_milli == karma_milli:
+            self.set_slots_free(island_id, slots_free)
+            return
+        if not 0 <= slots_free <= old.slots_total:
+            raise ValueError(f"{island_id}: slots_free={slots_free} outside 0..{old.slots_total}")
+        self._replace(old, msgspec.structs.replace(old, slots_free=slots_free, karma_milli=karma_milli))
+
     def set_weights(self, weights: Weights) -> None:
         """Change the score weights: re-sorts every list (O(n log n); configuration reload
         only, never per decision)."""

@@ -248,17 +248,23 @@ class DispatchCore:
         applied = 0
         with self._catch_up_lock:  # one reader of the log at a time; `log_position` moves only here
             with self.lock:
-                while not force_db:
-                    with self._buffer_lock:
-                        while self._buffer and self._buffer[0][1] <= self.log_position:
-                            self._buffer.popleft()
-                        if not self._buffer or self._buffer[0][0] != self.log_position + 1:
-                            break
-                        first, last, events = self._buffer.popleft()
-                    for pos, ev in events:
-                        self._apply(pos, ev, now_ms)
-                        applied += 1
-                    self.log_position = last
+                # Slot and karma changes reach the index once per Island per read (a
+                # completion frees a slot and moves karma: one link, not a link and a move).
+                self.registry.defer_slots_and_karma()
+                try:
+                    while not force_db:
+                        with self._buffer_lock:
+                            while self._buffer and self._buffer[0][1] <= self.log_position:
+                                self._buffer.popleft()
+                            if not self._buffer or self._buffer[0][0] != self.log_position + 1:
+                                break
+                            first, last, events = self._buffer.popleft()
+                        for pos, ev in events:
+                            self._apply(pos, ev, now_ms)
+                            applied += 1
+                        self.log_position = last
+                finally:
+                    self.registry.flush_deferred()
                 with self._buffer_lock:
                     gap = bool(self._buffer)
                 read_db = force_db or gap or now_ms - self._last_db_read_ms >= self.config.log_poll_ms
@@ -270,9 +276,13 @@ class DispatchCore:
                 # (admission, quotes) must not wait behind it on the event loop.
                 last, page = self.read_log(self.log_position + 1)
                 with self.lock:
-                    for pos, ev in page:
-                        self._apply(pos, ev, now_ms)
-                        applied += 1
+                    self.registry.defer_slots_and_karma()
+                    try:
+                        for pos, ev in page:
+                            self._apply(pos, ev, now_ms)
+                            applied += 1
+                    finally:
+                        self.registry.flush_deferred()
                     if last <= self.log_position:
                         break
                     self.log_position = last

@@ -138,6 +138,26 @@ class Registry:
         # online Island has its live entry in the heap. Lets `stale` look only at the
         # oldest heartbeats instead of scanning the fleet on every dispatch step.
         self._beats: list[tuple[int, str]] = []
+        # While not None (`defer_slots_and_karma`): Islands whose free slots or karma moved
+        # and are not yet in the index. `flush_deferred` applies each once.
+        self._deferred: dict[str, None] | None = None
+
+    def defer_slots_and_karma(self) -> None:
+        """From now until `flush_deferred`, reservations, releases and karma changes update
+        the records at once and the index once per Island at the flush. The dispatch core
+        defers while it applies one read of the log: a completion's release and karma
+        change then cost one link of the Island rather than a link and a move. Nothing may
+        query the index in between (the core holds its lock throughout)."""
+        assert self._deferred is None, "already deferring"
+        self._deferred = {}
+
+    def flush_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        assert deferred is not None, "not deferring"
+        for island_id in deferred:
+            rec = self.islands.get(island_id)
+            if rec is not None:
+                self.index.set_slots_and_karma(island_id, rec.slots_free(), rec.karma_milli)
 
     def _sync(self, rec: IslandRecord) -> None:
         """Everything about the Island to the index (registration, approval, capabilities)."""
@@ -232,7 +252,10 @@ class Registry:
         rec = self.islands.get(island_id)
         if rec is not None and rec.karma_milli != karma_milli:
             rec.karma_milli = karma_milli
-            self.index.set_karma(island_id, karma_milli)
+            if self._deferred is not None:
+                self._deferred[island_id] = None
+            else:
+                self.index.set_karma(island_id, karma_milli)
 
     def heartbeat(self, island_id: str, now_ms: int, *, slots_total: int | None = None,
                   load_permille: int | None = None, latency_ms: int | None = None,
@@ -305,10 +328,16 @@ class Registry:
         rec = self.islands.get(island_id)
         if rec is not None and job_id not in rec.active:
             rec.active.add(job_id)
-            self.index.set_slots_free(island_id, rec.slots_free())
+            if self._deferred is not None:
+                self._deferred[island_id] = None
+            else:
+                self.index.set_slots_free(island_id, rec.slots_free())
 
     def release(self, island_id: str, job_id: UUID) -> None:
         rec = self.islands.get(island_id)
         if rec is not None and job_id in rec.active:
             rec.active.discard(job_id)
-            self.index.set_slots_free(island_id, rec.slots_free())
+            if self._deferred is not None:
+                self._deferred[island_id] = None
+            else:
+                self.index.set_slots_free(island_id, rec.slots_free())

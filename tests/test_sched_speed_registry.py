@@ -32,7 +32,7 @@ def caps(slots: int, cargos: frozenset[str], region: str) -> dict:
 caps_st = st.builds(caps, st.integers(1, 3), st.frozensets(st.sampled_from(CARGOS), min_size=1),
                     st.sampled_from(["r1", "r2"]))
 
-op_st = st.one_of(
+mutation_st = st.one_of(
     st.tuples(st.just("register"), st.sampled_from(IDS), caps_st, st.just(True) | st.booleans()),
     st.tuples(st.just("approve"), st.sampled_from(IDS), st.booleans()),
     st.tuples(st.just("capabilities"), st.sampled_from(IDS), caps_st),
@@ -48,6 +48,12 @@ op_st = st.one_of(
     st.tuples(st.just("offline"), st.sampled_from(IDS)),
     st.tuples(st.just("reserve"), st.sampled_from(IDS), st.sampled_from(JOBS)),
     st.tuples(st.just("release"), st.sampled_from(IDS), st.sampled_from(JOBS)),
+)
+op_st = st.one_of(
+    mutation_st,
+    # changes applied while the registry defers slot and karma updates (the dispatch core's
+    # log read), then flushed: the index must end as if each had gone through at once
+    st.tuples(st.just("deferred"), st.lists(mutation_st, max_size=8)),
     st.tuples(st.just("tick"), st.integers(0, 40)),
     st.tuples(st.just("stale"), st.booleans()),
     st.tuples(st.just("choose"), st.sampled_from(CARGOS), st.none() | st.sampled_from(MODELS)),
@@ -72,6 +78,30 @@ def test_registry_incremental_paths_match_full_recomputation(fleet: list[dict], 
         registry_module.MAX_BEATS_PER_ISLAND = saved
 
 
+def mutate(reg: Registry, op: tuple, now_ms: int) -> None:
+    kind, *args = op
+    if kind == "register":
+        reg.register(args[0], "owner", args[0], args[1], args[2])
+    elif kind == "approve":
+        reg.set_approved(args[0], args[1])
+    elif kind == "capabilities":
+        reg.set_capabilities(args[0], args[1])
+    elif kind == "karma":
+        reg.set_karma(args[0], args[1])
+    elif kind == "heartbeat":
+        island_id, slots_total, load, latency, warm = args
+        reg.heartbeat(island_id, now_ms, slots_total=slots_total, load_permille=load, latency_ms=latency,
+                      warm_models=warm)
+    elif kind == "offline":
+        reg.set_offline(args[0])
+    elif kind == "reserve":
+        reg.reserve(args[0], args[1])
+    elif kind == "release":
+        reg.release(args[0], args[1])
+    else:
+        raise AssertionError(f"not a mutation: {op}")
+
+
 def run_ops(fleet: list[dict], ops: list[tuple]) -> None:
     weights = Weights()
     reg = Registry(CandidateIndex(weights))
@@ -81,24 +111,11 @@ def run_ops(fleet: list[dict], ops: list[tuple]) -> None:
         reg.heartbeat(island_id, now_ms)
     for k, op in enumerate(ops):
         kind, *args = op
-        if kind == "register":
-            reg.register(args[0], "owner", args[0], args[1], args[2])
-        elif kind == "approve":
-            reg.set_approved(args[0], args[1])
-        elif kind == "capabilities":
-            reg.set_capabilities(args[0], args[1])
-        elif kind == "karma":
-            reg.set_karma(args[0], args[1])
-        elif kind == "heartbeat":
-            island_id, slots_total, load, latency, warm = args
-            reg.heartbeat(island_id, now_ms, slots_total=slots_total, load_permille=load, latency_ms=latency,
-                          warm_models=warm)
-        elif kind == "offline":
-            reg.set_offline(args[0])
-        elif kind == "reserve":
-            reg.reserve(args[0], args[1])
-        elif kind == "release":
-            reg.release(args[0], args[1])
+        if kind == "deferred":
+            reg.defer_slots_and_karma()
+            for sub in args[0]:
+                mutate(reg, sub, now_ms)
+            reg.flush_deferred()
         elif kind == "tick":
             now_ms += args[0]
         elif kind == "stale":
@@ -119,6 +136,8 @@ def run_ops(fleet: list[dict], ops: list[tuple]) -> None:
                 assert (got.island_id, got.score, got.tied) == (want.island_id, want.score, want.tied)
             else:
                 assert isinstance(want, NoCandidate) and got == want
+        else:
+            mutate(reg, op, now_ms)
         reg.check_index()
         reg.index.check_invariants()
     assert reg.stale(now_ms, OFFLINE_AFTER_MS) == reference_stale(reg, now_ms)
