@@ -125,6 +125,19 @@ def stored_chain(config: StoreConfig, position: int) -> str:
     return out[0]
 
 
+def fund_from_a_fresh_process(config: StoreConfig, account: str) -> int:
+    """A new process opens the store, replays the account from the log and funds it:
+    the account's next event, after whatever the log held. Returns its position."""
+    app = open_app(config)
+    committer = GroupCommitter(app, ManualClock(2_000_000_000_000), inline=True)
+    Ledger(committer, LedgerConfig()).fund(uuid.UUID(account), 1_000, code="purchase", reference="r",
+                                           reason="after the upgrade", idem_key="k-after")
+    position = app.recorder.max_notification_id()
+    committer.close()
+    app.close()
+    return position
+
+
 @pytest.fixture
 def verify(store_config, monkeypatch, capsys):
     for k, v in env_for(store_config).items():
@@ -253,13 +266,7 @@ def test_a_log_written_before_chaining_still_verifies_and_chains_from_there(stor
     assert code == 0 and summary["unchained_events"] == len(consumer_positions)
     assert summary["chained_events"] == len(w["log"]) - len(consumer_positions)
 
-    app = open_app(store_config)  # a fresh process: the account is replayed from the log
-    committer = GroupCommitter(app, ManualClock(2_000_000_000_000), inline=True)
-    Ledger(committer, LedgerConfig()).fund(uuid.UUID(w["consumer"]), 1_000, code="purchase", reference="r",
-                                           reason="after the upgrade", idem_key="k-after")
-    new = app.recorder.max_notification_id()
-    committer.close()
-    app.close()
+    new = fund_from_a_fresh_process(store_config, w["consumer"])  # the account is replayed from the log
     code, summary, _ = verify()
     assert code == 0 and summary["chained_events"] == len(w["log"]) - len(consumer_positions) + 1
 
@@ -306,13 +313,7 @@ def test_a_scheme_1_log_verifies_and_continues_with_scheme_2(store_config, verif
     assert code == 0, err
     assert summary["chained_events"] == len(w["log"]) and summary["unchained_events"] == 0
 
-    app = open_app(store_config)  # a fresh process: the account is replayed from the scheme-1 log
-    committer = GroupCommitter(app, ManualClock(2_000_000_000_000), inline=True)
-    Ledger(committer, LedgerConfig()).fund(uuid.UUID(w["consumer"]), 1_000, code="purchase", reference="r",
-                                           reason="after the upgrade", idem_key="k-after")
-    new = app.recorder.max_notification_id()
-    committer.close()
-    app.close()
+    new = fund_from_a_fresh_process(store_config, w["consumer"])  # replayed from the scheme-1 log
     assert stored_chain(store_config, new).startswith(V2_MARK)
     code, summary, err = verify()
     assert code == 0, err
