@@ -190,13 +190,15 @@ def spy_profile_pg(seconds: float, top: int) -> dict[str, Any] | None:
     from when the load starts to when it stops: setup is not in it. None without py-spy."""
     import shutil
     import subprocess
+    import sys
     import tempfile
 
     from bench.lifecycle import _drop, _pg, run
 
-    spy = shutil.which("py-spy")
+    # on PATH, or installed beside this interpreter (a venv's python run without activating it)
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     if spy is None:
-        print("  (py-spy not installed: no PostgreSQL profile)")
+        print("  (py-spy not found on PATH nor beside this Python: no PostgreSQL profile)")
         return None
     tmp = tempfile.NamedTemporaryFile(suffix=".txt", delete=False)
     tmp.close()
