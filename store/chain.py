@@ -188,24 +188,32 @@ def with_chain(body: bytes, chain: str) -> bytes:
 # Encoded states of events built by `trigger_event` / `_create`, waiting for the mapper:
 # id(event) -> (event, stored state). The event is held, so its id cannot be reused while
 # it waits. Entries of events that are never stored (a command that raised after changing
-# state) are dropped with the rest when the table outgrows its bound; a missing entry only
-# costs the mapper one encoding.
+# state) are dropped with the rest when the table outgrows either bound (entries: the
+# largest batch the committer takes, 10,000 commands, holds fewer events; bytes: a few
+# large prompts must not pin memory); a missing entry only costs the mapper one encoding.
 _ENCODED: dict[int, tuple[Any, bytes]] = {}
 MAX_ENCODED_WAITING = 65_536
+MAX_ENCODED_BYTES = 64 * 2**20
+_encoded_bytes = 0  # of the states waiting (approximate across threads; reset with the table)
 
 
 def _keep_encoded(event: Any, state: bytes) -> None:
-    if len(_ENCODED) >= MAX_ENCODED_WAITING:
+    global _encoded_bytes  # noqa: PLW0603
+    if len(_ENCODED) >= MAX_ENCODED_WAITING or _encoded_bytes >= MAX_ENCODED_BYTES:
         _ENCODED.clear()
+        _encoded_bytes = 0
     _ENCODED[id(event)] = (event, state)
+    _encoded_bytes += len(state)
 
 
 def take_encoded_state(event: Any) -> bytes | None:
     """The stored state `trigger_event` / `_create` encoded for this event (once: the
     entry is removed), or None (another path built it, or it was already taken)."""
+    global _encoded_bytes  # noqa: PLW0603
     entry = _ENCODED.pop(id(event), None)
     if entry is None:
         return None
+    _encoded_bytes -= len(entry[1])
     if entry[0] is not event:  # cannot happen while the entry holds the event; cheap to check
         return None
     return entry[1]

@@ -228,14 +228,19 @@ def test_the_mapper_takes_each_encoded_state_once_and_stores_those_bytes() -> No
     assert verify_chains(enumerate(decoded, start=1)).ok
 
 
-def test_encoded_states_never_stored_are_bounded() -> None:
-    before = chain.MAX_ENCODED_WAITING
+@pytest.mark.parametrize("bound", ["entries", "bytes"])
+def test_encoded_states_never_stored_are_bounded(bound: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if bound == "entries":
+        monkeypatch.setattr(chain, "MAX_ENCODED_WAITING", 8)
+    else:
+        monkeypatch.setattr(chain, "MAX_ENCODED_BYTES", 10_000)
     try:
-        chain.MAX_ENCODED_WAITING = 8
         agg = _Counter._create(_Counter.Created, id=uuid.UUID(int=44), n=1)
         for i in range(30):  # never collected nor mapped, like the events of a command that failed
-            agg.trigger_event(_Counter.Bumped, by=i, note="", tags=[])
-        assert len(chain._ENCODED) <= 8
+            agg.trigger_event(_Counter.Bumped, by=i, note="x" * 1_000, tags=[])
+        assert len(chain._ENCODED) <= 10
+        assert sum(len(state) for _, state in chain._ENCODED.values()) < 10_000 + 2_000
+        assert chain._encoded_bytes == sum(len(state) for _, state in chain._ENCODED.values())
     finally:
-        chain.MAX_ENCODED_WAITING = before
         chain._ENCODED.clear()
+        chain._encoded_bytes = 0
