@@ -250,8 +250,7 @@ class DispatchCore:
             with self.lock:
                 # Slot and karma changes reach the index once per Island per read (a
                 # completion frees a slot and moves karma: one link, not a link and a move).
-                self.registry.defer_slots_and_karma()
-                try:
+                with self.registry.deferring:
                     while not force_db:
                         with self._buffer_lock:
                             while self._buffer and self._buffer[0][1] <= self.log_position:
@@ -263,8 +262,6 @@ class DispatchCore:
                             self._apply(pos, ev, now_ms)
                             applied += 1
                         self.log_position = last
-                finally:
-                    self.registry.flush_deferred()
                 with self._buffer_lock:
                     gap = bool(self._buffer)
                 read_db = force_db or gap or now_ms - self._last_db_read_ms >= self.config.log_poll_ms
@@ -276,13 +273,10 @@ class DispatchCore:
                 # (admission, quotes) must not wait behind it on the event loop.
                 last, page = self.read_log(self.log_position + 1)
                 with self.lock:
-                    self.registry.defer_slots_and_karma()
-                    try:
+                    with self.registry.deferring:
                         for pos, ev in page:
                             self._apply(pos, ev, now_ms)
                             applied += 1
-                    finally:
-                        self.registry.flush_deferred()
                     if last <= self.log_position:
                         break
                     self.log_position = last

@@ -124,6 +124,23 @@ class IslandRecord:
             ask_micro={slug: self.ask_for(slug) for slug in caps.get("cargos", ())})
 
 
+class _Deferring:
+    """`with registry.deferring:` = `defer_slots_and_karma()`, then `flush_deferred()`
+    however the block ends (a plain object: no generator per use, it runs on every read
+    of the log)."""
+
+    __slots__ = ("_registry",)
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def __enter__(self) -> None:
+        self._registry.defer_slots_and_karma()
+
+    def __exit__(self, *exc: object) -> None:
+        self._registry.flush_deferred()
+
+
 class Registry:
     def __init__(self, index: CandidateIndex, list_rates: dict[str, int] | None = None) -> None:
         self.index = index
@@ -141,13 +158,15 @@ class Registry:
         # While not None (`defer_slots_and_karma`): Islands whose free slots or karma moved
         # and are not yet in the index. `flush_deferred` applies each once.
         self._deferred: dict[str, None] | None = None
+        self.deferring = _Deferring(self)
 
     def defer_slots_and_karma(self) -> None:
         """From now until `flush_deferred`, reservations, releases and karma changes update
         the records at once and the index once per Island at the flush. The dispatch core
         defers while it applies one read of the log: a completion's release and karma
         change then cost one link of the Island rather than a link and a move. Nothing may
-        query the index in between (the core holds its lock throughout)."""
+        query the index in between (the core holds its lock throughout). Used as
+        `with registry.deferring:`."""
         assert self._deferred is None, "already deferring"
         self._deferred = {}
 
@@ -157,7 +176,16 @@ class Registry:
         for island_id in deferred:
             rec = self.islands.get(island_id)
             if rec is not None:
-                self.index.set_slots_and_karma(island_id, rec.slots_free(), rec.karma_milli)
+                self._to_index(rec)
+
+    def _slots_or_karma_moved(self, rec: IslandRecord) -> None:
+        if self._deferred is not None:
+            self._deferred[rec.island_id] = None
+        else:
+            self._to_index(rec)
+
+    def _to_index(self, rec: IslandRecord) -> None:
+        self.index.set_slots_and_karma(rec.island_id, rec.slots_free(), rec.karma_milli)
 
     def _sync(self, rec: IslandRecord) -> None:
         """Everything about the Island to the index (registration, approval, capabilities)."""
@@ -252,10 +280,7 @@ class Registry:
         rec = self.islands.get(island_id)
         if rec is not None and rec.karma_milli != karma_milli:
             rec.karma_milli = karma_milli
-            if self._deferred is not None:
-                self._deferred[island_id] = None
-            else:
-                self.index.set_karma(island_id, karma_milli)
+            self._slots_or_karma_moved(rec)
 
     def heartbeat(self, island_id: str, now_ms: int, *, slots_total: int | None = None,
                   load_permille: int | None = None, latency_ms: int | None = None,
@@ -328,16 +353,10 @@ class Registry:
         rec = self.islands.get(island_id)
         if rec is not None and job_id not in rec.active:
             rec.active.add(job_id)
-            if self._deferred is not None:
-                self._deferred[island_id] = None
-            else:
-                self.index.set_slots_free(island_id, rec.slots_free())
+            self._slots_or_karma_moved(rec)
 
     def release(self, island_id: str, job_id: UUID) -> None:
         rec = self.islands.get(island_id)
         if rec is not None and job_id in rec.active:
             rec.active.discard(job_id)
-            if self._deferred is not None:
-                self._deferred[island_id] = None
-            else:
-                self.index.set_slots_free(island_id, rec.slots_free())
+            self._slots_or_karma_moved(rec)
