@@ -1,12 +1,37 @@
-"""Helpers shared by benchmarks: percentiles and ratios, all from measured samples, and a
-counter of what this process sends to PostgreSQL through psycopg."""
+"""Helpers shared by benchmarks: percentiles and ratios, all from measured samples, a
+counter of what this process sends to PostgreSQL through psycopg, and a temporary git
+worktree of another revision (to measure it in the same run)."""
 
 from __future__ import annotations
 
 import statistics
+import subprocess
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def is_commit(rev: str) -> bool:
+    """Whether `rev` names a commit of this checkout (False outside a git checkout)."""
+    return subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=ROOT,
+                          capture_output=True, check=False).returncode == 0
+
+
+@contextmanager
+def worktree(rev: str, path: Path) -> Iterator[Path]:
+    """`rev` checked out (detached) at `path` for the block, removed afterwards."""
+    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(path), rev], cwd=ROOT, check=True,
+                   capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, check=False,
+                       capture_output=True)
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import sysconfig
@@ -32,7 +31,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import ROOT, is_commit, median, worktree
+
 MAX_JOBS = 100_000
 MAX_REPEAT = 9
 
@@ -111,12 +111,12 @@ def main(argv: list[str]) -> dict:
     if not 0 < args.jobs <= MAX_JOBS or not 0 < args.repeat <= MAX_REPEAT:
         ap.error(f"need 0 < --jobs <= {MAX_JOBS} and 0 < --repeat <= {MAX_REPEAT}")
     result: dict[str, Any] = {"bench": "compiled", "jobs": args.jobs, "binding": not args.no_binding}
-    if shutil.which(sysconfig.get_config_var("CC").split()[0] if sysconfig.get_config_var("CC") else "cc") is None:
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
         return _skip(result, "no C compiler")
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
         return _skip(result, "no Python headers")
-    if subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=ROOT, capture_output=True,
-                      check=False).returncode != 0:
+    if not is_commit("HEAD"):
         return _skip(result, "not a git checkout")
 
     with tempfile.TemporaryDirectory(prefix="bench-compiled-") as tmp_name:
@@ -124,21 +124,15 @@ def main(argv: list[str]) -> dict:
         pythonpath, how = _cython_path(tmp)
         if pythonpath is None:
             return _skip(result, f"Cython not importable and not installable ({how})")
-        tree = tmp / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), "HEAD"], cwd=ROOT, check=True,
-                       capture_output=True)
-        try:
+        with worktree("HEAD", tmp / "tree") as tree:
             print(f"compiled: Cython {how}; compiling {len(HOT_MODULES)} modules of HEAD in {tree}")
             _compile(tree, pythonpath, not args.no_binding)
             runs: dict[str, list[dict[str, Any]]] = {"interpreted": [], "compiled": []}
             for _ in range(args.repeat):  # alternate, so a change of the machine's speed hits both
                 runs["interpreted"].append(_run(ROOT, args.jobs))
                 runs["compiled"].append(_run(tree, args.jobs))
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False,
-                           capture_output=True)
     assert all(r["compiled"] for r in runs["compiled"]) and not any(r["compiled"] for r in runs["interpreted"])
-    us = {k: statistics.median(1e6 * r["cpu_s"] / r["jobs"] for r in v) for k, v in runs.items()}
+    us = {k: median([1e6 * r["cpu_s"] / r["jobs"] for r in v]) for k, v in runs.items()}
     digests = {r["digest"] for v in runs.values() for r in v}
     same = len(digests) == 1
     for name, rs in runs.items():

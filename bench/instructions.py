@@ -29,7 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.common import ROOT, is_commit, worktree
+
 # The last commit before the fourth round of cuts (docs/PERFORMANCE.md): the default baseline.
 DEFAULT_AGAINST = "624c196"
 MAX_JOBS = 20_000  # callgrind runs ~50x slower than the interpreter: a bound on the run time
@@ -78,24 +79,17 @@ def main(argv: list[str]) -> dict:
     if shutil.which("valgrind") is None:
         print("instructions: valgrind not found (apt-get install valgrind): skipped")
         return {**result, "skipped": "valgrind not found"}
-    if subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.against}^{{commit}}"], cwd=ROOT,
-                      capture_output=True, check=False).returncode != 0:
+    if not is_commit(args.against):
         print(f"instructions: {args.against} is not a commit of this checkout: skipped")
         return {**result, "skipped": f"{args.against} not in this checkout"}
 
-    with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
-        base = Path(tmp) / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(base), args.against], cwd=ROOT,
-                       check=True, capture_output=True)
-        try:
-            runs = [(ROOT, "this"), (base, "base")]
-            with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two runs at a time
-                futures = {(tag, n): pool.submit(_callgrind, tree, n, Path(tmp), tag)
-                           for tree, tag in runs for n in (args.small, args.jobs)}
-                got = {key: fut.result() for key, fut in futures.items()}
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False,
-                           capture_output=True)
+    with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp, \
+            worktree(args.against, Path(tmp) / "base") as base:
+        runs = [(ROOT, "this"), (base, "base")]
+        with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two runs at a time
+            futures = {(tag, n): pool.submit(_callgrind, tree, n, Path(tmp), tag)
+                       for tree, tag in runs for n in (args.small, args.jobs)}
+            got = {key: fut.result() for key, fut in futures.items()}
     this = _per_job(got[("this", args.small)], got[("this", args.jobs)])
     before = _per_job(got[("base", args.small)], got[("base", args.jobs)])
     same = all(got[("this", n)]["digest"] == got[("base", n)]["digest"] for n in (args.small, args.jobs))
